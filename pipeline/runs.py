@@ -241,24 +241,34 @@ class StageDir:
         A crash inside the block leaves only a ``.tmp`` folder, which is never loaded and is
         cleared by the next write.
         """
+        tmp = self.checkpoint_tmp(step)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.publish_checkpoint(tmp, step, keep)
+
+    def checkpoint_tmp(self, step: int) -> Path:
+        """A fresh temporary folder for checkpoint ``step`` (a leftover one from a crash is cleared)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        final = self.checkpoints / f"step_{step:06d}"
         tmp = self.checkpoints / f"step_{step:06d}.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        try:
-            yield tmp
-            _fsync_tree(tmp)
-            (tmp / "COMPLETE").write_text(f"{time.time()}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        return tmp
+
+    def publish_checkpoint(self, tmp: Path, step: int, keep: int) -> Path:
+        """Fsync ``tmp``, mark it complete, rename it to ``step_NNNNNN`` and keep only the newest ``keep``."""
+        final = self.checkpoints / f"step_{step:06d}"
+        _fsync_tree(tmp)
+        (tmp / "COMPLETE").write_text(f"{time.time()}\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
         for _, old in self.list_checkpoints()[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        return final
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,357 @@
+"""The pretraining loop: our own loop on accelerate (one CPU, DDP, DeepSpeed ZeRO-2/3).
+
+nanoGPT's recipe, made resumable and distributed:
+- batches are random windows of the token shards drawn from ONE generator shared by all processes: each
+  micro-step draws ``world_size * batch_size`` windows and process r takes slice r, so a 2-process run sees
+  exactly the data a 1-process run with twice the accumulation sees (testable), and the generator's state
+  is the data position saved in checkpoints;
+- AdamW with weight decay on matrices only, linear warmup then cosine decay to ``min_lr`` (a pure function of
+  the step, so it needs no scheduler state), gradient clipping, accumulation through accelerate;
+- bf16 autocast on GPUs that support it, optional ``torch.compile``;
+- the loss is copied to the host only every ``log_interval`` steps (no per-step sync): a NaN/inf is detected
+  there and stops the stage before the next checkpoint, so the last good checkpoint stays;
+- SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
+from .config import ModelConfig, PretrainConfig
+from .runs import StageDir, StageError
+
+__all__ = ["lr_at", "resolve_model_config", "PretrainResult", "Interrupted", "train", "StopFlag"]
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine to ``min_lr``.
+
+    >>> c = PretrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    >>> lr_at(0, c), lr_at(9, c), round(lr_at(60, c), 3), lr_at(110, c)
+    (0.1, 1.0, 0.55, 0.1)
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int, seq_len: int) -> ModelConfig:
+    """Fill ``vocab_size`` from the tokenizer (rounded up) and check the sequence length fits."""
+    problems = []
+    vocab = cfg.vocab_size
+    if vocab == 0:
+        m = cfg.pad_vocab_multiple
+        vocab = ((tokenizer_vocab + m - 1) // m) * m
+    elif vocab < tokenizer_vocab:
+        problems.append(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
+    if seq_len > cfg.block_size:
+        problems.append(
+            f"pretrain.block_size={seq_len} is larger than the model allows (model.block_size={cfg.block_size})"
+        )
+    if problems:
+        raise StageError("; ".join(problems))
+    return replace(cfg, vocab_size=vocab)
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint was saved because SIGTERM/SIGINT arrived."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved, run again to resume")
+        self.step = step
+        self.signum = signum
+
+
+class StopFlag:
+    """Catches SIGTERM/SIGINT for the duration of a ``with`` block; the loop polls ``.signum``."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> StopFlag:
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class PretrainResult:
+    metrics: dict[str, Any]
+    samples: list[dict[str, str]] = field(default_factory=list)
+    prior_wall_time_s: float = 0.0
+
+
+@dataclass
+class _State:
+    step: int = 0
+    tokens: int = 0
+    wall_time_s: float = 0.0
+    train_time_s: float = 0.0
+    """Seconds spent in training steps only (no eval, no checkpoints): the tokens/s denominator."""
+    last_train_loss: float = float("nan")
+    last_val_loss: float = float("nan")
+
+
+def _estimate_val_loss(model: Any, accelerator: Any, val: Any, cfg: PretrainConfig, seq_len: int, seed: int) -> float:
+    """Mean loss over ``eval_iters`` fixed validation batches (the same batches at every evaluation)."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    model.eval()
+    total = torch.zeros((), device=accelerator.device)
+    with torch.no_grad():
+        for _ in range(cfg.eval_iters):
+            x, y = val.sample_batch(world * cfg.batch_size, seq_len, g)
+            sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+            with accelerator.autocast():
+                _, loss = model(x[sl].to(accelerator.device), y[sl].to(accelerator.device))
+            total += loss.detach().float()
+    model.train()
+    total = accelerator.reduce(total, reduction="mean")
+    return float(total) / cfg.eval_iters
+
+
+def train(
+    accelerator: Any,
+    model: torch.nn.Module,
+    train_data: Any,
+    val_data: Any,
+    cfg: PretrainConfig,
+    seq_len: int,
+    seed: int,
+    stage_dir: StageDir,
+    resume: bool,
+    sample_fn: Callable[[torch.nn.Module], str] | None = None,
+    peak_flops: float = 0.0,
+    progress: bool = True,
+) -> PretrainResult:
+    """Train ``model`` for ``cfg.max_steps`` optimizer steps, checkpointing into ``stage_dir``.
+
+    Args:
+        accelerator: an ``accelerate.Accelerator`` built with ``gradient_accumulation_steps=cfg.grad_accum``.
+        model: the (unprepared) GPT; it must expose ``configure_optimizer`` and ``flops_per_token``.
+        train_data / val_data: token shards with ``sample_batch(n, seq_len, generator) -> (x, y)``.
+        seq_len: tokens per sequence.
+        resume: continue from the latest complete checkpoint in ``stage_dir``.
+        sample_fn: produces a text sample from the unwrapped model at each evaluation (main process).
+        peak_flops: the accelerator's peak FLOP/s for MFU (0: MFU not reported).
+
+    Returns:
+        Final metrics (``train_loss``, ``val_loss``, ``tokens``, ``tokens_per_s``, ``mfu`` when known) and samples.
+
+    Raises:
+        StageError: non-finite loss (naming the steps); Interrupted: a signal stopped the run after a checkpoint.
+    """
+    device_type = accelerator.device.type
+    flops_per_token = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 0.0
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type)
+    if cfg.compile:
+        model = torch.compile(model)
+    _fill_deepspeed_auto(accelerator, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    data_gen = torch.Generator().manual_seed(seed)
+    st = _State()
+    if resume and (ckpt := stage_dir.latest_checkpoint()) is not None:
+        saved = load_checkpoint(accelerator, ckpt)
+        set_generator_state(data_gen, saved["data_generator"])
+        st = _State(**{k: saved[k] for k in _State.__dataclass_fields__ if k in saved})
+        if accelerator.is_main_process:
+            stage_dir.truncate_metrics_after(st.step)
+    prior_wall = st.wall_time_s
+    t_start = time.time()
+
+    def checkpoint() -> None:
+        st.wall_time_s = prior_wall + time.time() - t_start
+        state = {"data_generator": generator_state(data_gen), **st.__dict__}
+        save_checkpoint(accelerator, stage_dir, st.step, cfg.keep_checkpoints, state)
+
+    tb = _tensorboard(stage_dir) if accelerator.is_main_process else None
+    bar = _progress(cfg.max_steps, st.step, progress and accelerator.is_main_process)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    B, sl = cfg.batch_size, slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
+    tokens_per_step = world * B * seq_len * cfg.grad_accum
+    loss_acc = torch.zeros((), device=accelerator.device)
+    window_steps, window_t0, window_train_s = 0, time.time(), 0.0
+    samples: list[dict[str, str]] = []
+
+    model.train()
+    with StopFlag() as stop:
+        while st.step < cfg.max_steps:
+            t0 = time.time()
+            lr = lr_at(st.step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(cfg.grad_accum):
+                x, y = train_data.sample_batch(world * B, seq_len, data_gen)
+                x, y = x[sl].to(accelerator.device, non_blocking=True), y[sl].to(accelerator.device, non_blocking=True)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        _, loss = model(x, y)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_acc += loss.detach().float()
+            st.step += 1
+            st.tokens += tokens_per_step
+            window_steps += 1
+            dt = time.time() - t0
+            window_train_s += dt
+            st.train_time_s += dt
+            bar.update(1)
+
+            last = st.step == cfg.max_steps
+            if st.step % cfg.log_interval == 0 or last or st.step % cfg.ckpt_interval == 0:
+                train_loss = float(accelerator.reduce(loss_acc, reduction="mean")) / (window_steps * cfg.grad_accum)
+                if not math.isfinite(train_loss):
+                    raise StageError(
+                        f"non-finite training loss ({train_loss}) between steps {st.step - window_steps + 1} and "
+                        f"{st.step}; the last good checkpoint stays in {stage_dir.checkpoints}. Lower pretrain.lr "
+                        f"or raise pretrain.warmup_steps."
+                    )
+                tok_s = window_steps * tokens_per_step / max(window_train_s, 1e-9)
+                rec: dict[str, Any] = {
+                    "step": st.step, "train/loss": train_loss, "lr": lr, "tokens": st.tokens, "tokens_per_s": tok_s,
+                    "ms_per_step": 1000 * window_train_s / window_steps,
+                }
+                if peak_flops and flops_per_token:
+                    rec["mfu"] = tok_s * flops_per_token / peak_flops
+                st.last_train_loss = train_loss
+                _log(accelerator, stage_dir, tb, rec)
+                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
+                loss_acc.zero_()
+                window_steps, window_t0, window_train_s = 0, time.time(), 0.0
+
+            if st.step % cfg.eval_interval == 0 or last:
+                st.last_val_loss = _estimate_val_loss(model, accelerator, val_data, cfg, seq_len, seed)
+                rec = {"step": st.step, "val/loss": st.last_val_loss}
+                if sample_fn is not None and accelerator.is_main_process:
+                    text = sample_fn(accelerator.unwrap_model(model))
+                    rec["sample"] = text
+                    samples.append({"step": str(st.step), "text": text})
+                _log(accelerator, stage_dir, tb, rec)
+                bar.write(f"step {st.step}: val loss {st.last_val_loss:.4f}")
+
+            stop_now = _any_process(accelerator, stop.signum)
+            if st.step % cfg.ckpt_interval == 0 or last or stop_now:
+                checkpoint()
+            if stop_now:
+                bar.close()
+                raise Interrupted(st.step, stop.signum or signal.SIGTERM)
+    bar.close()
+    if tb is not None:
+        tb.close()
+
+    st.wall_time_s = prior_wall + time.time() - t_start
+    metrics = {
+        "train_loss": st.last_train_loss,
+        "val_loss": st.last_val_loss,
+        "tokens": st.tokens,
+        "tokens_per_s": st.tokens / max(st.train_time_s, 1e-9),
+        "steps": st.step,
+        "world_size": world,
+    }
+    if peak_flops and flops_per_token:
+        metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak_flops
+    return PretrainResult(metrics=metrics, samples=samples, prior_wall_time_s=prior_wall)
+
+
+def _any_process(accelerator: Any, signum: int) -> bool:
+    """True when a stop signal reached any process (one tiny all-reduce, only when distributed)."""
+    if accelerator.num_processes == 1:
+        return bool(signum)
+    flag = torch.tensor([1.0 if signum else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _fill_deepspeed_auto(accelerator: Any, cfg: PretrainConfig) -> None:
+    """Our loop has no DataLoader for accelerate to read batch sizes from: fill DeepSpeed's "auto" values."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.batch_size * cfg.grad_accum * accelerator.num_processes
+    ds["gradient_clipping"] = cfg.grad_clip if cfg.grad_clip > 0 else 0.0
+    if ds.get("bf16", {}).get("enabled") == "auto":
+        ds["bf16"]["enabled"] = accelerator.mixed_precision == "bf16"
+
+
+def _log(accelerator: Any, stage_dir: StageDir, tb: Any, rec: dict[str, Any]) -> None:
+    if not accelerator.is_main_process:
+        return
+    stage_dir.append_metrics(rec)
+    if tb is not None:
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)):
+                tb.add_scalar(k, v, rec["step"])
+            elif k == "sample":
+                tb.add_text("sample", str(v), rec["step"])
+
+
+def _tensorboard(stage_dir: StageDir) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional at run time
+        return None
+    return SummaryWriter(str(stage_dir.tb))
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def write(self, s: str) -> None:
+        log.info(s)
+    def close(self) -> None: ...
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def peak_flops_for(device: torch.device, bf16: bool) -> float:
+    """Dense peak FLOP/s of known GPUs (for MFU); 0 when unknown (CPU)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+    for key, flops in table.items():
+        if key in name:
+            return flops if bf16 else flops / 2  # tf32 ~ half of bf16 on these parts
+    return 0.0
+
+
+__all__ += ["peak_flops_for"]
+_ = Path  # kept for type references in docstrings

@@ -1,0 +1,90 @@
+"""Config loading: strictness, types, precedence, every preset YAML loads."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, fingerprint, load_config, to_dict, to_yaml
+from pipeline.lineage import all_fingerprints
+
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_preset_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert fingerprint(load_config(path)) == fingerprint(cfg)  # loading is deterministic
+
+
+def test_precedence_default_yaml_cli(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("pretrain:\n  lr: 1e-3\n  max_steps: 7\n")
+    cfg = load_config(p, ["pretrain.max_steps=9"])
+    assert cfg.pretrain.lr == pytest.approx(1e-3)  # YAML's "1e-3" string converted to float
+    assert isinstance(cfg.pretrain.lr, float)
+    assert cfg.pretrain.max_steps == 9  # CLI beats YAML
+    assert cfg.pretrain.batch_size == load_config(None).pretrain.batch_size  # default kept
+
+
+def test_unknown_key_names_path_and_closest(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("pretrain:\n  learning_rate: 1e-3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "pretrain.learning_rate" in msg and str(p) in msg
+    assert "Valid keys" in msg and "max_steps" in msg
+    with pytest.raises(ConfigError, match=r"did you mean 'sft.lr'"):
+        load_config(None, ["sft.lrr=1"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'"):
+        load_config(None, ["modle.n_layer=2"])
+
+
+def test_type_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"pretrain.max_steps: expected an integer"):
+        load_config(None, ["pretrain.max_steps=abc"])
+    with pytest.raises(ConfigError, match=r"tokenizer.kind: 'wordpiece' is not one of"):
+        load_config(None, ["tokenizer.kind=wordpiece"])
+    with pytest.raises(ConfigError, match=r"model.n_embd=100 is not divisible by model.n_head=3"):
+        load_config(None, ["model.n_embd=100", "model.n_head=3"])
+    with pytest.raises(ConfigError, match=r"not of the form"):
+        load_config(None, ["pretrain.lr"])
+
+
+def test_nested_sections_and_tuples():
+    cfg = load_config(None, ["data.corpus.paths=[a.txt, b.txt]", "sft.dataset.source=x.jsonl"])
+    assert cfg.data.corpus.paths == ("a.txt", "b.txt")
+    assert cfg.sft.dataset.source == "x.jsonl"
+    assert to_dict(cfg)["data"]["corpus"]["paths"] == ["a.txt", "b.txt"]
+    assert load_config(None, []).sft.dataset.source == "default"
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("pretrain: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["sft.lr=1e-4", "data.corpus.paths=[x.txt]"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(to_yaml(cfg))
+    assert load_config(p) == cfg
+
+
+def test_fingerprints_follow_lineage():
+    base = all_fingerprints(load_config(None))
+    changed = all_fingerprints(load_config(None, ["sft.lr=1e-5"]))
+    assert changed["tokenizer"] == base["tokenizer"] and changed["pretrain"] == base["pretrain"]
+    for stage in ("sft", "reward", "ppo", "export"):
+        assert changed[stage] != base[stage], stage
+    # where the export goes does not change what it is
+    assert all_fingerprints(load_config(None, ["export.dir=/tmp/x"])) == base
+    # an external starting model cuts the dependency on pretrain
+    ext = all_fingerprints(load_config(None, ["sft.init_from=gpt2", "model.n_layer=2"]))
+    assert ext["pretrain"] != base["pretrain"]
+    assert ext["sft"] == all_fingerprints(load_config(None, ["sft.init_from=gpt2"]))["sft"]

@@ -1,0 +1,67 @@
+"""The run-folder contract: states, stale protection, atomic checkpoints."""
+
+import pytest
+
+from pipeline.runs import StageDir, StageError, require_done
+
+
+def test_states_and_stale_protection(tmp_path):
+    sd = StageDir.of(tmp_path / "run", "sft")
+    assert sd.state("fp1") == "missing"
+    assert sd.begin("fp1", "a: 1\n") == "missing"
+    assert sd.state("fp1") == "partial"  # started, no manifest
+    (sd.artifact).mkdir()
+    (sd.artifact / "weights").write_text("w")
+    sd.write_manifest("fp1", {"pretrain": "p"}, {"sft": {}}, {"train_loss": 1.0}, 2.0)
+    assert sd.state("fp1") == "done"
+    assert sd.state("fp2") == "stale"
+    with pytest.raises(StageError, match=r"different config.*FORCE=1"):
+        sd.begin("fp2", "a: 2\n")
+    assert (sd.artifact / "weights").read_text() == "w"  # nothing touched
+    sd.begin("fp2", "a: 2\n", force=True)
+    old = [p for p in sd.root.parent.iterdir() if p.name.startswith("sft.old-")]
+    assert len(old) == 1 and (old[0] / "artifact" / "weights").read_text() == "w"  # moved aside, not deleted
+    assert sd.state("fp2") == "partial"
+
+
+def test_partial_from_another_config_is_stale(tmp_path):
+    sd = StageDir.of(tmp_path, "pretrain")
+    sd.begin("fpA", "x")
+    with sd.writing_checkpoint(10, keep=2) as d:
+        (d / "w").write_text("1")
+    with pytest.raises(StageError, match="different config"):
+        sd.begin("fpB", "y")
+    assert sd.latest_checkpoint().name == "step_000010"
+
+
+def test_checkpoint_atomic_and_pruned(tmp_path):
+    sd = StageDir.of(tmp_path, "pretrain")
+    for step in (1, 2, 3):
+        with sd.writing_checkpoint(step, keep=2) as d:
+            (d / "w").write_text(str(step))
+    assert [s for s, _ in sd.list_checkpoints()] == [2, 3]
+    # a write cut off mid-way leaves a .tmp that is never listed or loaded
+    with pytest.raises(RuntimeError):
+        with sd.writing_checkpoint(4, keep=2) as d:
+            (d / "w").write_text("half")
+            raise RuntimeError("killed")
+    assert sd.latest_checkpoint().name == "step_000003"
+    # a folder renamed without its COMPLETE marker (e.g. copied by hand) is ignored too
+    (sd.checkpoints / "step_000009").mkdir()
+    (sd.checkpoints / "step_000008.tmp").mkdir()
+    assert sd.latest_checkpoint().name == "step_000003"
+
+
+def test_metrics_truncated_on_resume(tmp_path):
+    sd = StageDir.of(tmp_path, "pretrain")
+    for s in (10, 20, 30):
+        sd.append_metrics({"step": s, "train/loss": 1.0})
+    with open(sd.metrics_path, "a") as f:
+        f.write('{"step": 40, "trai')  # a line cut off by SIGKILL
+    sd.truncate_metrics_after(20)
+    assert [r["step"] for r in sd.read_metrics()] == [10, 20]
+
+
+def test_require_done_names_missing_artifact(tmp_path):
+    with pytest.raises(StageError, match=r"needs the 'pretrain' stage's artifact.*make pretrain"):
+        require_done(StageDir.of(tmp_path, "pretrain"), "stage 'sft'")
