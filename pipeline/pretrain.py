@@ -21,7 +21,6 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_g
 from .config import ModelConfig, PretrainConfig
 from .runs import StageDir, StageError
 
-__all__ = ["lr_at", "resolve_model_config", "PretrainResult", "Interrupted", "train", "StopFlag"]
+__all__ = ["lr_at", "resolve_model_config", "PretrainResult", "Interrupted", "train", "StopFlag", "peak_flops_for"]
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +196,7 @@ def train(
     B, sl = cfg.batch_size, slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
     tokens_per_step = world * B * seq_len * cfg.grad_accum
     loss_acc = torch.zeros((), device=accelerator.device)
-    window_steps, window_t0, window_train_s = 0, time.time(), 0.0
+    window_steps, window_train_s = 0, 0.0
     samples: list[dict[str, str]] = []
 
     model.train()
@@ -238,16 +237,24 @@ def train(
                     )
                 tok_s = window_steps * tokens_per_step / max(window_train_s, 1e-9)
                 rec: dict[str, Any] = {
-                    "step": st.step, "train/loss": train_loss, "lr": lr, "tokens": st.tokens, "tokens_per_s": tok_s,
+                    "step": st.step,
+                    "train/loss": train_loss,
+                    "lr": lr,
+                    "tokens": st.tokens,
+                    "tokens_per_s": tok_s,
                     "ms_per_step": 1000 * window_train_s / window_steps,
                 }
                 if peak_flops and flops_per_token:
                     rec["mfu"] = tok_s * flops_per_token / peak_flops
                 st.last_train_loss = train_loss
                 _log(accelerator, stage_dir, tb, rec)
-                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
+                bar.set_postfix(
+                    loss=f"{train_loss:.4f}",
+                    tok_s=f"{tok_s:,.0f}",
+                    **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}),
+                )
                 loss_acc.zero_()
-                window_steps, window_t0, window_train_s = 0, time.time(), 0.0
+                window_steps, window_train_s = 0, 0.0
 
             if st.step % cfg.eval_interval == 0 or last:
                 st.last_val_loss = _estimate_val_loss(model, accelerator, val_data, cfg, seq_len, seed)
@@ -330,6 +337,7 @@ class _NoBar:
     def set_postfix(self, **kw: Any) -> None: ...
     def write(self, s: str) -> None:
         log.info(s)
+
     def close(self) -> None: ...
 
 
@@ -351,7 +359,3 @@ def peak_flops_for(device: torch.device, bf16: bool) -> float:
         if key in name:
             return flops if bf16 else flops / 2  # tf32 ~ half of bf16 on these parts
     return 0.0
-
-
-__all__ += ["peak_flops_for"]
-_ = Path  # kept for type references in docstrings

@@ -36,7 +36,7 @@ def is_main_process() -> bool:
 def setup_logging() -> None:
     level = logging.INFO if is_main_process() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -113,7 +113,11 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
         t0 = time.time()
         result = body(ctx)
         if is_main_process():
-            sections = {k: v for k, v in to_dict(cfg).items() if k in ("run", stage) or (stage == "pretrain" and k in ("model", "data"))}
+            sections = {
+                k: v
+                for k, v in to_dict(cfg).items()
+                if k in ("run", stage) or (stage == "pretrain" and k in ("model", "data"))
+            }
             sd.write_manifest(
                 fps[stage], inputs, sections, result.metrics, time.time() - t0 + result.prior_wall_time_s, result.extra
             )

@@ -70,8 +70,17 @@ def _body(ctx: StageContext) -> StageResult:
 
     try:
         result: PretrainResult = train(
-            acc, model, train_data, val_data, cfg.pretrain, seq_len, cfg.run.seed, ctx.dir,
-            resume=ctx.state == "partial", sample_fn=sample, peak_flops=peak_flops_for(acc.device, use_bf16),
+            acc,
+            model,
+            train_data,
+            val_data,
+            cfg.pretrain,
+            seq_len,
+            cfg.run.seed,
+            ctx.dir,
+            resume=ctx.state == "partial",
+            sample_fn=sample,
+            peak_flops=peak_flops_for(acc.device, use_bf16),
             progress=os.environ.get("PIPELINE_PROGRESS", "1") != "0",
         )
     except Interrupted as e:
@@ -82,7 +91,13 @@ def _body(ctx: StageContext) -> StageResult:
         unwrapped = acc.unwrap_model(model)
         state = acc.get_state_dict(model)  # gathers ZeRO-3 shards
         unwrapped.load_state_dict(state)
-        save_hf(unwrapped, ctx.dir.artifact, extra_config={"bos_token_id": eot, "eos_token_id": eot})
+        pad = tokenizer.pad_token_id
+        save_hf(
+            unwrapped,
+            ctx.dir.artifact,
+            extra_config={"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": pad},
+            generation_config={"bos_token_id": eot, "eos_token_id": [eot], "pad_token_id": pad},
+        )
         tokenizer.model_max_length = model_cfg.block_size
         tokenizer.save_pretrained(ctx.dir.artifact)
     else:
@@ -90,7 +105,10 @@ def _body(ctx: StageContext) -> StageResult:
     acc.wait_for_everyone()
     return StageResult(
         metrics=result.metrics,
-        extra={"samples": result.samples[-3:], "model": {k: getattr(model_cfg, k) for k in model_cfg.__dataclass_fields__}},
+        extra={
+            "samples": result.samples[-3:],
+            "model": {k: getattr(model_cfg, k) for k in model_cfg.__dataclass_fields__},
+        },
         prior_wall_time_s=result.prior_wall_time_s,
     )
 

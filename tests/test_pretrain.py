@@ -1,0 +1,257 @@
+"""The pretraining stage: artifact, skip-when-done, bit-identical resume after SIGKILL/SIGTERM, bad input,
+and (slow) 2-process DDP and DeepSpeed ZeRO-2 on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import PretrainConfig, load_config
+from pipeline.pretrain import lr_at, resolve_model_config
+from pipeline.runs import StageDir, StageError
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+MICRO = """
+run: {{name: {name}, root: {root}, seed: 1}}
+tokenizer: {{kind: bpe, vocab_size: 300}}
+data:
+  corpus: {{source: files, paths: [{text}], txt_document_separator: "\\n\\n", max_tokens: 60000, num_proc: 1}}
+model: {{n_layer: 2, n_head: 2, n_embd: 32, block_size: 32}}
+pretrain: {{batch_size: 4, max_steps: {steps}, eval_interval: 10, eval_iters: 2, log_interval: 5, ckpt_interval: 5,
+           warmup_steps: 5, sample_tokens: 8, keep_checkpoints: 2, num_threads: 1}}
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PIPELINE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _write_cfg(tmp: Path, name: str, steps: int = 30) -> Path:
+    if not TEXT.is_file():
+        pytest.skip(f"reference text {TEXT} not present")
+    p = tmp / f"{name}.yaml"
+    p.write_text(MICRO.format(name=name, root=tmp / "runs", text=TEXT, steps=steps))
+    return p
+
+
+def _stage(stage: str, cfg: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", "--config", str(cfg), *extra],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> Path:
+    """One tokenizer stage, copied into each test's run (same config -> same fingerprint)."""
+    tmp = tmp_path_factory.mktemp("tok")
+    cfg = _write_cfg(tmp, "base")
+    r = _stage("tokenizer", cfg)
+    assert r.returncode == 0, r.stderr
+    return tmp / "runs" / "base" / "tokenizer"
+
+
+def _run_dir(tmp: Path, tokenized: Path, name: str, steps: int = 30) -> tuple[Path, Path]:
+    cfg = _write_cfg(tmp, name, steps)
+    shutil.copytree(tokenized, tmp / "runs" / name / "tokenizer")
+    return cfg, tmp / "runs" / name
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "pretrain" / "artifact" / "model.safetensors")
+
+
+def test_lr_schedule():
+    c = PretrainConfig(lr=1.0, min_lr=0.1, warmup_steps=4, max_steps=14)
+    lrs = [lr_at(s, c) for s in range(16)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]  # linear warmup
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55)  # cosine midpoint = (1 + 0.1) / 2
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # monotone decay
+    assert lrs[14] == lrs[15] == 0.1
+
+
+def test_block_size_larger_than_model_allows():
+    cfg = load_config(None, ["model.block_size=64", "pretrain.block_size=128"])
+    with pytest.raises(
+        StageError, match=r"pretrain.block_size=128 is larger than the model allows \(model.block_size=64\)"
+    ):
+        resolve_model_config(cfg.model, 300, 128)
+    assert resolve_model_config(cfg.model, 300, 64).vocab_size == 320  # rounded up to a multiple of 64
+
+
+def test_stage_artifact_and_skip(tmp_path, tokenized):
+    cfg, run = _run_dir(tmp_path, tokenized, "a")
+    r = _stage("pretrain", cfg)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((run / "pretrain" / "manifest.json").read_text())
+    assert set(m["metrics"]) >= {"train_loss", "val_loss", "tokens", "tokens_per_s"}
+    assert m["metrics"]["tokens"] == 30 * 4 * 32
+    assert m["metrics"]["val_loss"] < math.log(300) - 0.3  # learned something beyond uniform
+    assert m["inputs"] == {"tokenizer": json.loads((run / "tokenizer" / "manifest.json").read_text())["fingerprint"]}
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run / "pretrain" / "artifact")
+    tok = AutoTokenizer.from_pretrained(run / "pretrain" / "artifact")
+    assert type(model).__name__ == "GPT2LMHeadModel" and tok.model_max_length == 32
+    ids = tok("ROMEO: hello", return_tensors="pt").input_ids
+    assert torch.isfinite(model(ids).logits).all()
+    losses = [x["train/loss"] for x in StageDir.of(run, "pretrain").read_metrics() if "train/loss" in x]
+    assert losses[-1] < losses[0]
+    # done: a second run trains nothing
+    before = (run / "pretrain" / "manifest.json").read_text()
+    r2 = _stage("pretrain", cfg)
+    assert r2.returncode == 0 and "already done" in r2.stderr
+    assert (run / "pretrain" / "manifest.json").read_text() == before
+
+
+def test_sigkill_and_sigterm_resume_bit_identical(tmp_path, tokenized):
+    cfg_ref, run_ref = _run_dir(tmp_path, tokenized, "ref")
+    assert _stage("pretrain", cfg_ref).returncode == 0
+    ref = _weights(run_ref)
+
+    cfg, run = _run_dir(tmp_path, tokenized, "killed")
+    ckpts = StageDir.of(run, "pretrain")
+    for sig, at in ((signal.SIGKILL, 10), (signal.SIGTERM, 20)):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "stages.pretrain", "--config", str(cfg)],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(s >= at for s, _ in ckpts.list_checkpoints()):
+            time.sleep(0.05)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=120)
+        if sig == signal.SIGTERM:  # saved a checkpoint and exited 128+15 (unless it had already finished)
+            assert p.returncode in (128 + signal.SIGTERM, 0), err
+        assert not ckpts.manifest_path.exists() or p.returncode == 0
+    # a checkpoint cut off mid-write is never loaded
+    junk = ckpts.checkpoints / "step_000999.tmp"
+    junk.mkdir(exist_ok=True)
+    (junk / "model.safetensors").write_bytes(b"\0" * 10)
+    r = _stage("pretrain", cfg)
+    assert r.returncode == 0, r.stderr
+    got = _weights(run)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k  # bit-identical to the run never interrupted
+    assert [x["step"] for x in ckpts.read_metrics() if "train/loss" in x] == [5, 10, 15, 20, 25, 30]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tokenized):
+    cfg, run = _run_dir(tmp_path, tokenized, "corrupt", steps=10)
+    assert _stage("pretrain", cfg).returncode == 0
+    sd = StageDir.of(run, "pretrain")
+    artifact_before = _weights(run)
+    sd.manifest_path.unlink()  # pretend it was killed before the manifest
+    latest = sd.latest_checkpoint()
+    (latest / "optimizer.bin").write_bytes((latest / "optimizer.bin").read_bytes()[:100])  # truncated
+    r = _stage("pretrain", cfg)
+    assert r.returncode == 2
+    assert f"checkpoint {latest} is corrupt or truncated" in r.stderr
+    assert latest.exists() and all(torch.equal(_weights(run)[k], v) for k, v in artifact_before.items())
+
+
+def test_stale_stage_is_not_overwritten(tmp_path, tokenized):
+    cfg, run = _run_dir(tmp_path, tokenized, "stale", steps=5)
+    assert _stage("pretrain", cfg).returncode == 0
+    before = _weights(run)
+    r = _stage("pretrain", cfg, "pretrain.lr=0.01")
+    assert r.returncode == 2 and "different config" in r.stderr and "FORCE=1" in r.stderr
+    assert all(torch.equal(_weights(run)[k], v) for k, v in before.items())
+
+
+def _launch(cfg: Path, accel: str, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / accel),
+        "--num_processes",
+        str(nproc),
+        "-m",
+        "stages.pretrain",
+        "--config",
+        str(cfg),
+        *extra,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _losses(run: Path) -> list[float]:
+    return [x["train/loss"] for x in StageDir.of(run, "pretrain").read_metrics() if "train/loss" in x]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_matches_one_process(tmp_path, tokenized):
+    # equal global batch: 2 processes x 2 sequences vs 1 process x 2 sequences x 2 accumulation steps;
+    # both draw the same windows (one shared sampler), so only float summation order differs.
+    cfg1, run1 = _run_dir(tmp_path, tokenized, "one", steps=20)
+    r = _stage("pretrain", cfg1, "pretrain.batch_size=2", "pretrain.grad_accum=2")
+    assert r.returncode == 0, r.stderr
+    cfg2, run2 = _run_dir(tmp_path, tokenized, "two", steps=20)
+    r = _launch(cfg2, "ddp.yaml", 2, "pretrain.batch_size=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    l1, l2 = _losses(run1), _losses(run2)
+    assert len(l1) == len(l2) == 4
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4, (l1, l2)
+    w1, w2 = _weights(run1), _weights(run2)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_two_processes_checkpoints_and_resumes(tmp_path, tokenized):
+    pytest.importorskip("deepspeed")
+    cfg, run = _run_dir(tmp_path, tokenized, "zero2", steps=20)
+    sd = StageDir.of(run, "pretrain")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "zero2.yaml"),
+        "--num_processes",
+        "2",
+        "-m",
+        "stages.pretrain",
+        "--config",
+        str(cfg),
+    ]
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(s >= 5 for s, _ in sd.list_checkpoints()) and p.poll() is None:
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)  # the launcher and both workers
+    _, err = p.communicate(timeout=60)
+    assert any(s >= 5 for s, _ in sd.list_checkpoints()), err[-3000:]
+    assert not sd.manifest_path.exists()
+    r = _launch(cfg, "zero2.yaml", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    m = json.loads(sd.manifest_path.read_text())
+    assert m["metrics"]["steps"] == 20 and m["metrics"]["world_size"] == 2
+    assert math.isfinite(m["metrics"]["val_loss"])
