@@ -24,7 +24,7 @@ from .config import ConfigError, RunConfig, load_config, to_dict, to_yaml
 from .lineage import all_fingerprints, stage_inputs
 from .runs import StageDir, StageError, require_done
 
-__all__ = ["StageContext", "StageResult", "run_stage", "is_main_process", "setup_logging"]
+__all__ = ["StageContext", "StageResult", "run_stage", "is_main_process", "setup_logging", "use_cpu_when_no_gpu"]
 
 log = logging.getLogger("pipeline")
 
@@ -78,9 +78,32 @@ def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def use_cpu_when_no_gpu() -> None:
+    """Without CUDA, make accelerate (and the Trainers built on it) use the gloo backend on CPU.
+
+    accelerate only picks its multi-process CPU mode when told ``cpu=True``, and the launcher writes
+    ``ACCELERATE_USE_CPU=false`` from the config files (shared with GPU machines), so DDP on CPU needs the
+    override. Under DeepSpeed that override would silently drop DeepSpeed; there, initialising the process
+    state with the gloo backend gives DeepSpeed a real process group (without it every process believes it
+    is alone: world size 1, all of them "main").
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            from accelerate import PartialState
+
+            PartialState(backend="gloo")
+    else:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
 def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext], StageResult]) -> int:
     """Run ``body`` as stage ``stage`` under the run-folder contract; returns a process exit code."""
     setup_logging()
+    use_cpu_when_no_gpu()
     args = parse_args(stage, argv)
     try:
         cfg = load_config(args.config, args.overrides)
