@@ -76,7 +76,18 @@ class TokenizerConfig:
     """Target vocabulary size for ``bpe`` (special tokens included). GPT-2 uses 50257."""
     min_frequency: int = 2
     train_bytes: int = 20_000_000
-    """At most this many bytes of the corpus are used to train the BPE merges."""
+    """At most this many bytes of the corpus are used to train the BPE merges (and the char vocabulary)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind == "bpe" and self.vocab_size < 263:
+            problems.append(f"tokenizer.vocab_size={self.vocab_size}: byte-level BPE needs >= 263")
+        if self.train_bytes < 1:
+            problems.append(f"tokenizer.train_bytes must be >= 1, got {self.train_bytes}")
+        if self.min_frequency < 0:
+            problems.append(f"tokenizer.min_frequency must be >= 0, got {self.min_frequency}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,18 @@ class CorpusConfig:
     on_bad_record: Literal["error", "skip"] = "error"
     """What to do with a record that has no text field or a non-string value."""
 
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 < self.val_fraction < 1.0:
+            problems.append(f"data.corpus.val_fraction must be in (0, 1), got {self.val_fraction}")
+        for k in ("max_documents", "max_tokens", "num_proc"):
+            if getattr(self, k) < 0:
+                problems.append(f"data.corpus.{k} must be >= 0, got {getattr(self, k)}")
+        if self.shard_tokens < 1:
+            problems.append(f"data.corpus.shard_tokens must be >= 1, got {self.shard_tokens}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
 
 @dataclass(frozen=True)
 class TasksConfig:
@@ -126,7 +149,27 @@ class TasksConfig:
     n_ppo_train: int = 2000
     n_ppo_eval: int = 200
     responses_per_prompt: int = 4
-    """K candidates per prompt for the ranked-response set."""
+    """K candidates per prompt for the ranked-response set (2..8): the answer, near misses, malformed ones."""
+    holdout_fraction: float = 0.2
+    """Share of the words and number pairs that only held-out prompts (sft_eval, reward_eval, ppo_eval) use."""
+    max_operand: int = 99
+    """Numbers of the ``add`` task are 0..max_operand."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for k in ("n_sft_train", "n_sft_eval", "n_reward_train", "n_reward_eval", "n_ppo_train", "n_ppo_eval"):
+            if getattr(self, k) < 0:
+                problems.append(f"data.tasks.{k} must be >= 0, got {getattr(self, k)}")
+        if not 2 <= self.responses_per_prompt <= 8:
+            problems.append(f"data.tasks.responses_per_prompt must be in 2..8, got {self.responses_per_prompt}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            problems.append(f"data.tasks.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if self.max_operand < 1:
+            problems.append(f"data.tasks.max_operand must be >= 1, got {self.max_operand}")
+        if not self.kinds or len(set(self.kinds)) != len(self.kinds):
+            problems.append(f"data.tasks.kinds must be non-empty without repeats, got {list(self.kinds)}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -198,11 +241,21 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for k in ("batch_size", "grad_accum", "max_steps", "eval_iters", "log_interval", "ckpt_interval", "keep_checkpoints"):
+        for k in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_iters",
+            "log_interval",
+            "ckpt_interval",
+            "keep_checkpoints",
+        ):
             if getattr(self, k) < 1:
                 problems.append(f"pretrain.{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            problems.append(f"pretrain.lr/min_lr must satisfy 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+            problems.append(
+                f"pretrain.lr/min_lr must satisfy 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -229,28 +282,38 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class SFTStageConfig:
+    """Supervised fine-tuning (TRL ``SFTTrainer``) on chat Q&A; see ``pipeline/sft.py``."""
+
     init_from: str = ""
     """'' = the pretrain artifact of this run; else an HF causal LM dir or Hub name."""
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     max_length: int = 0
     """0 = the model's context length."""
     too_long: Literal["truncate", "drop"] = "drop"
+    """Examples longer than max_length: keep their first max_length tokens, or drop them (both counted)."""
     packing: bool = False
+    """Pack several examples per sequence (TRL best-fit decreasing; ``trainer_args.packing_strategy``)."""
     assistant_only_loss: bool = True
+    """Loss on the assistant tokens only (the chat template's {% generation %} spans, <|end|> included)."""
     lr: float = 5e-4
     lr_scheduler: str = "cosine"
+    """Any transformers scheduler name (linear, cosine, constant_with_warmup, ...)."""
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     epochs: float = 3.0
     max_steps: int = -1
     """-1: run ``epochs``; else stop after this many optimizer steps."""
     batch_size: int = 32
+    """Micro-batch per process (examples); also the generation batch of the held-out evaluation."""
     grad_accum: int = 1
     gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 mixed precision on GPUs that support it, float32 otherwise."""
     eval_steps: int = 0
-    """0: evaluate at the end only."""
+    """0: evaluate at the end only; N: also val loss + checker accuracy every N steps."""
     save_steps: int = 100
     save_total_limit: int = 2
+    """Checkpoints kept (0: all). At least 2, so a complete one survives a kill during the next save."""
     logging_steps: int = 10
     max_new_tokens: int = 32
     """Generation length for the held-out checker evaluation."""
@@ -258,6 +321,32 @@ class SFTStageConfig:
     n_samples: int = 5
     """Sample answers recorded in metrics and the report."""
     trust_remote_code: bool = False
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    """Any other TRL SFTConfig / TrainingArguments option (e.g. ``{packing_strategy: wrapped, adam_beta2: 0.95}``);
+    unknown names are rejected, and options the keys above own must be set there."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for k in ("batch_size", "grad_accum", "save_steps", "logging_steps", "max_new_tokens"):
+            if getattr(self, k) < 1:
+                problems.append(f"sft.{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("max_length", "eval_steps", "n_eval_prompts", "n_samples"):
+            if getattr(self, k) < 0:
+                problems.append(f"sft.{k} must be >= 0, got {getattr(self, k)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"sft.max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            problems.append(f"sft.epochs must be > 0, got {self.epochs}")
+        if self.lr <= 0:
+            problems.append(f"sft.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"sft.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.save_total_limit == 1 or self.save_total_limit < 0:
+            problems.append(f"sft.save_total_limit must be 0 (keep all) or >= 2, got {self.save_total_limit}")
+        if not isinstance(self.trainer_args, dict):
+            problems.append(f"sft.trainer_args must be a mapping of SFTConfig options, got {self.trainer_args!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -269,7 +358,8 @@ class RewardStageConfig:
     """grouped: all C(K,2) pairs of a prompt in one batch, weighted 1/C(K,2) (InstructGPT);
     pairs: expand to independent shuffled pairs."""
     margin: bool = False
-    """Use the records' ``margin`` field in the Bradley-Terry loss (Llama 2)."""
+    """Subtract a margin in the Bradley-Terry loss (Llama 2): a pairwise record's ``margin`` field, or the
+    score difference of a K-wise record with ``scores`` (0 when neither is given)."""
     max_length: int = 0
     lr: float = 2e-4
     lr_scheduler: str = "cosine"
@@ -278,9 +368,11 @@ class RewardStageConfig:
     epochs: float = 2.0
     max_steps: int = -1
     batch_size: int = 16
+    """Per process: prompts (each with its K responses) when kwise=grouped, pairs otherwise."""
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     eval_steps: int = 0
+    """0: evaluate at the end only."""
     save_steps: int = 100
     save_total_limit: int = 2
     logging_steps: int = 10
@@ -288,6 +380,29 @@ class RewardStageConfig:
     """Number of SFT-policy samples on training prompts used for the reward mean/std."""
     norm_max_new_tokens: int = 32
     trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        for k in (
+            "batch_size",
+            "grad_accum",
+            "save_steps",
+            "save_total_limit",
+            "logging_steps",
+            "norm_samples",
+            "norm_max_new_tokens",
+        ):
+            if getattr(self, k) < 1:
+                problems.append(f"reward.{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("max_length", "eval_steps"):
+            if getattr(self, k) < 0:
+                problems.append(f"reward.{k} must be >= 0, got {getattr(self, k)}")
+        if self.lr <= 0:
+            problems.append(f"reward.lr must be > 0, got {self.lr}")
+        if self.max_steps < 1 and self.max_steps != -1:
+            problems.append(f"reward.max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -327,22 +442,82 @@ class PPOStageConfig:
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response that never produces the end-of-turn token."""
     reference_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype of the frozen reference and reward models (bf16 halves their memory)."""
+    frozen_device: Literal["auto", "cpu"] = "auto"
+    """auto: the frozen models live on the training device; cpu: offloaded to CPU memory and run there."""
+    reward_norm: Literal["center", "standardize", "none"] = "center"
+    """How the reward model's raw score is normalised with its reward_stats.json: score - mean
+    (InstructGPT: the SFT policy's rewards have mean 0), (score - mean) / std, or left raw."""
+    forward_batch_size: int = 0
+    """Sequences per no-grad scoring forward during rollouts (0: the whole rollout batch at once)."""
+    adam_eps: float = 1e-5
+    """Adam epsilon ("The N implementation details of RLHF with PPO": 1e-5, not torch's 1e-8)."""
     eval_interval: int = 25
+    """Held-out evaluation every this many steps (0: at the end only)."""
     n_eval_prompts: int = 200
+    n_samples: int = 5
+    """Sample answers (policy and SFT model) recorded in the manifest and the report."""
     ckpt_interval: int = 25
     keep_checkpoints: int = 2
     log_interval: int = 1
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        problems = []
+        for k in (
+            "max_prompt_length",
+            "max_new_tokens",
+            "rollout_batch_size",
+            "minibatch_size",
+            "ppo_epochs",
+            "steps",
+            "ckpt_interval",
+            "keep_checkpoints",
+            "log_interval",
+            "kl_horizon",
+        ):
+            if getattr(self, k) < 1:
+                problems.append(f"ppo.{k} must be >= 1, got {getattr(self, k)}")
+        if self.minibatch_size > self.rollout_batch_size:
+            problems.append(
+                f"ppo.minibatch_size={self.minibatch_size} exceeds ppo.rollout_batch_size={self.rollout_batch_size}"
+            )
+        if self.temperature <= 0:
+            problems.append(f"ppo.temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"ppo.top_p must be in (0, 1], got {self.top_p}")
+        if self.lr <= 0 or self.value_lr < 0:
+            problems.append(f"ppo.lr must be > 0 and ppo.value_lr >= 0 (lr={self.lr}, value_lr={self.value_lr})")
+        for k in ("gamma", "lam"):
+            if not 0 <= getattr(self, k) <= 1:
+                problems.append(f"ppo.{k} must be in [0, 1], got {getattr(self, k)}")
+        if self.cliprange <= 0 or self.cliprange_value <= 0:
+            problems.append("ppo.cliprange and ppo.cliprange_value must be > 0")
+        if self.kl_coef < 0 or (self.adaptive_kl and self.kl_target <= 0):
+            problems.append(
+                f"ppo.kl_coef must be >= 0 and ppo.kl_target > 0 (kl_coef={self.kl_coef}, kl_target={self.kl_target})"
+            )
+        if self.forward_batch_size < 0 or self.eval_interval < 0 or self.n_eval_prompts < 0:
+            problems.append("ppo.forward_batch_size, ppo.eval_interval and ppo.n_eval_prompts must be >= 0")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
 
 @dataclass(frozen=True)
 class ExportConfig:
     dir: str = ""
-    """'' = runs/<run>/export; else any folder."""
+    """The export is always runs/<run>/export/artifact/; a folder here (EXPORT_DIR) gets a copy too."""
     source: Literal["ppo", "sft", "pretrain"] = "ppo"
+    """Stage whose model is exported."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights are cast to this dtype."""
     max_shard_size: str = "2GB"
+    """safetensors files are split above this size (with model.safetensors.index.json)."""
     license: str = "mit"
+    """License id for the model card's metadata."""
+    verify_with: tuple[str, ...] = ()
+    """More Python interpreters to prove the export loads in (e.g. a venv with transformers 4.x); the
+    current one always is. Where the export goes or who checks it does not change what it is (not fingerprinted)."""
 
 
 @dataclass(frozen=True)
