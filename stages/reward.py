@@ -1,0 +1,267 @@
+"""Reward-model stage: a scalar head on the SFT backbone, trained on ranked responses.
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml -m stages.reward --config configs/tiny.yaml
+
+Reads ``runs/<run>/sft/artifact`` (or ``reward.init_from``) and the ranked responses of
+``reward.dataset``; pairwise data trains with TRL's ``RewardTrainer``, K-wise rankings with the grouped
+InstructGPT loss (``reward.kwise``). Writes ``runs/<run>/reward/artifact/``: the classifier
+(``AutoModelForSequenceClassification``, num_labels=1) + tokenizer, ``reward_stats.json`` (reward mean/std
+on SFT-policy samples of training prompts, for PPO) and ``eval_rewards.json`` (held-out rewards of each
+prompt's best and worst response). Resumes from the newest complete Trainer checkpoint; done: skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+from trl import RewardConfig
+
+from pipeline.data.preferences import PreferenceData, PreferenceGroup, load_preferences
+from pipeline.data.records import BadRecord
+from pipeline.evaluate import _context_length as context_length
+from pipeline.reward import (
+    MetricsCallback,
+    StopOnSignal,
+    build_reward_trainer,
+    encode_groups,
+    evaluate_rankings,
+    grouped_rows,
+    load_reward_model,
+    pairwise_rows,
+    policy_reward_stats,
+    reward_stats,
+    score_texts,
+)
+from pipeline.runs import StageError, atomic_write_json
+from pipeline.sft import (  # the Trainer plumbing SFT and reward share
+    CheckpointMarker,
+    _cpu_without_deepspeed,
+    _deepspeed_on_cpu_state,
+    checkpoint_step,
+    latest_complete_checkpoint,
+    remove_incomplete_checkpoints,
+)
+from pipeline.stage import StageContext, StageResult, is_main_process, run_stage
+
+log = logging.getLogger("stages.reward")
+
+
+def _load_data(ctx: StageContext) -> PreferenceData:
+    rc = ctx.cfg.reward
+    try:
+        data = load_preferences(rc.dataset, ctx.cfg.data.tasks, ctx.cfg.run.seed)
+    except (BadRecord, FileNotFoundError) as e:
+        raise StageError(f"reward.dataset: {e}") from None
+    if not data.eval:
+        raise StageError(
+            "reward: no held-out preference records; set reward.dataset.eval_source or reward.dataset.eval_fraction > 0"
+        )
+    return data
+
+
+def _training_args(ctx: StageContext) -> RewardConfig:
+    import torch
+
+    rc = ctx.cfg.reward
+    return RewardConfig(
+        output_dir=str(ctx.dir.checkpoints),
+        per_device_train_batch_size=rc.batch_size,
+        per_device_eval_batch_size=rc.batch_size,
+        gradient_accumulation_steps=rc.grad_accum,
+        learning_rate=rc.lr,
+        lr_scheduler_type=rc.lr_scheduler,
+        warmup_steps=rc.warmup_ratio,  # a float below 1 is a share of the total steps
+        weight_decay=rc.weight_decay,
+        num_train_epochs=rc.epochs,
+        max_steps=rc.max_steps,
+        activation_checkpointing=rc.gradient_checkpointing,
+        eval_strategy="steps" if rc.eval_steps else "no",
+        eval_steps=rc.eval_steps or None,
+        save_strategy="steps",
+        save_steps=rc.save_steps,
+        save_total_limit=rc.save_total_limit,
+        logging_steps=rc.logging_steps,
+        seed=ctx.cfg.run.seed,
+        data_seed=ctx.cfg.run.seed,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        max_length=None,  # encode_groups drops too-long groups itself
+        prediction_loss_only=True,
+        report_to="none",  # metrics.jsonl and tb/ come from _callbacks
+        use_cpu=_cpu_without_deepspeed(),
+        dataloader_pin_memory=torch.cuda.is_available(),
+        trust_remote_code=rc.trust_remote_code,
+        **_deepspeed_on_cpu_state(),  # DeepSpeed on CPU processes (CI) needs a gloo state set up first
+    )
+
+
+def _callbacks(ctx: StageContext, stopper: StopOnSignal) -> list[Any]:
+    callbacks: list[Any] = [MetricsCallback(ctx.dir.append_metrics), CheckpointMarker(), stopper]
+    if is_main_process():
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(SummaryWriter(str(ctx.dir.tb))))
+    return callbacks
+
+
+def _resume_point(ctx: StageContext) -> str | None:
+    """The newest complete checkpoint of a partial stage (incomplete ones, cut off by a kill, are removed)."""
+    if ctx.state != "partial":
+        return None
+    if is_main_process():
+        remove_incomplete_checkpoints(ctx.dir.checkpoints)
+    ckpt = latest_complete_checkpoint(ctx.dir.checkpoints)
+    if is_main_process():
+        ctx.dir.truncate_metrics_after(checkpoint_step(ckpt) if ckpt else 0)
+    log.info("reward: resuming from %s", ckpt or "the start (no complete checkpoint)")
+    return str(ckpt) if ckpt else None
+
+
+def _stats_prompts(groups: list[PreferenceGroup], n: int, seed: int) -> list[str]:
+    """``n`` training prompts (user messages) for the normalisation samples, cycling when there are fewer."""
+    prompts = list(dict.fromkeys(g.prompt for g in groups if isinstance(g.prompt, str)))
+    random.Random(seed).shuffle(prompts)
+    return [prompts[i % len(prompts)] for i in range(n)] if prompts else []
+
+
+def _normalisation(ctx: StageContext, init_dir: str, rm: Any, tok: Any, groups: list[PreferenceGroup]) -> dict:
+    rc, seed = ctx.cfg.reward, ctx.cfg.run.seed
+    prompts = _stats_prompts(groups, rc.norm_samples, seed)
+    if not prompts:  # only multi-turn prompts (e.g. HH): the policy's samples cannot be drawn the same way
+        log.warning("reward: no single-message training prompts; reward_stats come from the training responses")
+        flat = [(g.prompt, r) for g in groups for r in g.responses][: rc.norm_samples]
+        rewards = score_texts(rm, tok, [p for p, _ in flat], [r for _, r in flat], rc.batch_size)
+        return {**reward_stats(rewards), "source": "train_responses"}
+    policy = AutoModelForCausalLM.from_pretrained(init_dir, trust_remote_code=rc.trust_remote_code)
+    if policy.get_input_embeddings().num_embeddings < len(tok):
+        policy.resize_token_embeddings(len(tok))
+    policy.to(next(rm.parameters()).device)
+    stats = policy_reward_stats(policy, rm, tok, prompts, rc.norm_max_new_tokens, rc.batch_size, seed)
+    return {**stats, "source": "sft_samples"}
+
+
+@dataclass
+class _Trained:
+    """What training hands to the evaluation on the main process."""
+
+    step: int
+    device: Any
+    grouped: bool
+    train_loss: float
+    train: list[PreferenceGroup]
+    eval: list[PreferenceGroup]
+    data: dict[str, Any]
+
+
+def _train(ctx: StageContext) -> _Trained:
+    """Train (or resume) on every process and save the artifact; returns what the evaluation needs."""
+    cfg, rc = ctx.cfg, ctx.cfg.reward
+    data = _load_data(ctx)
+    set_seed(cfg.run.seed)  # the new score head is drawn from torch's RNG
+    model, tokenizer = load_reward_model(_init_dir(ctx), rc.trust_remote_code)
+    max_length = rc.max_length or context_length(model)
+    train_enc, dropped_train = encode_groups(tokenizer, data.train, max_length)
+    eval_enc, dropped_eval = encode_groups(tokenizer, data.eval, max_length)
+    if not train_enc or not eval_enc:
+        raise StageError(f"reward: every training or held-out group is longer than max_length={max_length} tokens")
+    grouped = rc.kwise == "grouped" and any(len(g.responses) > 2 for g, _ in train_enc)
+    to_rows = grouped_rows if grouped else pairwise_rows
+    train_rows = to_rows(train_enc, rc.margin)
+    stopper = StopOnSignal()
+    trainer = build_reward_trainer(
+        model, tokenizer, train_rows, to_rows(eval_enc, rc.margin), _training_args(ctx), grouped,
+        _callbacks(ctx, stopper),
+    )  # fmt: skip
+    with stopper:
+        output = trainer.train(resume_from_checkpoint=_resume_point(ctx))
+    if stopper.stopped_by:
+        raise StageError(
+            f"reward: stopped by {stopper.stopped_by} at step {trainer.state.global_step}; a checkpoint was saved "
+            f"in {ctx.dir.checkpoints}. Run the stage again to resume."
+        )
+    trainer.save_model(str(ctx.dir.artifact))  # every process: ZeRO-3 gathers the shards
+    trainer.accelerator.wait_for_everyone()
+    unset_hf_deepspeed_config()  # training is over: later loads are plain models, not ZeRO-3 partitions
+    if is_main_process():
+        # like the other model artifacts: no pickled TrainingArguments, the chat template in tokenizer_config.json
+        for name in ("training_args.bin", "chat_template.jinja"):
+            (ctx.dir.artifact / name).unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(ctx.dir.artifact), save_jinja_files=False)
+    counts = {
+        "train_groups": len(train_enc),
+        "train_rows": len(train_rows),
+        "dropped_too_long": {"train": dropped_train, "eval": dropped_eval},
+        "skipped_bad_records": data.skipped,
+        "skipped_examples": data.skipped_examples,
+    }
+    train_losses = [m["train/loss"] for m in ctx.dir.read_metrics() if "train/loss" in m]
+    return _Trained(
+        step=trainer.state.global_step,
+        device=trainer.args.device,
+        grouped=grouped,
+        train_loss=train_losses[-1] if train_losses else output.training_loss,
+        train=[g for g, _ in train_enc],
+        eval=[g for g, _ in eval_enc],
+        data=counts,
+    )
+
+
+def _init_dir(ctx: StageContext) -> str:
+    return ctx.cfg.reward.init_from or str(ctx.upstream("sft").artifact)
+
+
+def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
+    """Held-out ranking metrics and normalisation statistics of the artifact, loaded as a user loads it."""
+    rc = ctx.cfg.reward
+    rm = AutoModelForSequenceClassification.from_pretrained(str(ctx.dir.artifact)).to(t.device)
+    tok = AutoTokenizer.from_pretrained(str(ctx.dir.artifact))
+    ev = evaluate_rankings(rm, tok, t.eval, rc.batch_size, rc.margin)
+    stats = _normalisation(ctx, _init_dir(ctx), rm, tok, t.train)
+    atomic_write_json(ctx.dir.artifact / "reward_stats.json", stats)
+    rewards = {"chosen": [round(x, 5) for x in ev.chosen], "rejected": [round(x, 5) for x in ev.rejected]}
+    atomic_write_json(ctx.dir.artifact / "eval_rewards.json", rewards)
+    final = {"step": t.step, "rm/accuracy": ev.pair_accuracy, "val/loss": ev.val_loss}
+    metrics = {
+        "pair_accuracy": ev.pair_accuracy,
+        "val_loss": ev.val_loss,
+        "train_loss": t.train_loss,
+        "reward_chosen_mean": sum(ev.chosen) / len(ev.chosen),
+        "reward_rejected_mean": sum(ev.rejected) / len(ev.rejected),
+        "reward_norm_mean": stats["mean"],
+        "reward_norm_std": stats["std"],
+        "steps": t.step,
+    }
+    if ev.rank_correlation is not None:
+        final["rm/rank_correlation"] = ev.rank_correlation
+        metrics.update(rank_correlation=ev.rank_correlation, kendall_tau=ev.kendall_tau)
+    ctx.dir.append_metrics(final)
+    log.info("reward: held-out pair accuracy %.3f (%d pairs), reward mean/std %.3f/%.3f",
+             ev.pair_accuracy, ev.n_pairs, stats["mean"], stats["std"])  # fmt: skip
+    extra = {
+        "init_from": _init_dir(ctx),
+        "loss": "grouped (InstructGPT, each prompt weighted once)" if t.grouped else "pairwise Bradley-Terry (TRL)",
+        "data": {**t.data, "eval_groups": ev.n_groups, "eval_pairs": ev.n_pairs},
+        "reward_stats": stats,
+        "eval_rewards": rewards,
+    }
+    return StageResult(metrics=metrics, extra=extra)
+
+
+def _body(ctx: StageContext) -> StageResult:
+    trained = _train(ctx)
+    if not is_main_process():
+        return StageResult(metrics={})
+    return _evaluate(ctx, trained)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("reward", argv, _body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
