@@ -154,6 +154,8 @@ class TasksConfig:
     """Share of the words and number pairs that only held-out prompts (sft_eval, reward_eval, ppo_eval) use."""
     max_operand: int = 99
     """Numbers of the ``add`` task are 0..max_operand."""
+    max_word_len: int = 8
+    """Longest word (3..8 letters) used by the word tasks; shorter words make spell/reverse easier."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -166,6 +168,8 @@ class TasksConfig:
             problems.append(f"data.tasks.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.max_operand < 1:
             problems.append(f"data.tasks.max_operand must be >= 1, got {self.max_operand}")
+        if not 3 <= self.max_word_len <= 8:
+            problems.append(f"data.tasks.max_word_len must be in 3..8, got {self.max_word_len}")
         if not self.kinds or len(set(self.kinds)) != len(self.kinds):
             problems.append(f"data.tasks.kinds must be non-empty without repeats, got {list(self.kinds)}")
         if problems:
@@ -407,38 +411,62 @@ class RewardStageConfig:
 
 @dataclass(frozen=True)
 class PPOStageConfig:
+    """PPO (pipeline.rl). Defaults follow "The N implementation details of RLHF with PPO" (Huang et al.)
+    and TRL's PPOConfig unless a field says otherwise."""
+
     policy_from: str = ""
-    """'' = the SFT artifact of this run."""
+    """'' = the SFT artifact of this run; else an HF causal LM dir (policy and frozen reference)."""
     reward_from: str = ""
-    """'' = the reward artifact of this run."""
+    """'' = the reward artifact of this run; else an HF sequence classifier dir (value model and frozen reward model)."""
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     max_prompt_length: int = 64
+    """Chat-rendered prompt tokens kept (the last ones) per prompt."""
     max_new_tokens: int = 32
+    """Response length limit; a response that reaches it without <|end|> gets ``missing_eos_penalty``."""
     temperature: float = 1.0
+    """Sampling temperature; log-probs are computed from logits / temperature (the sampling distribution)."""
     top_k: int = 0
+    """0: off."""
     top_p: float = 1.0
     rollout_batch_size: int = 64
     """Prompts per PPO step (per process)."""
     minibatch_size: int = 16
+    """Sequences per optimizer step (per process); rollout_batch_size / minibatch_size steps per epoch."""
     ppo_epochs: int = 4
+    """Passes over each rollout (InstructGPT/TRL: 4)."""
     steps: int = 100
+    """PPO steps (rollout + update)."""
     lr: float = 1e-5
+    """Policy learning rate (AdamW, no weight decay)."""
     value_lr: float = 0.0
     """0: same as lr."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     warmup_steps: int = 0
+    """In PPO steps."""
     grad_clip: float = 1.0
+    """Global gradient-norm clip of policy + value (0: off)."""
     gamma: float = 1.0
+    """GAE discount (1: no discount within a response)."""
     lam: float = 0.95
+    """GAE lambda."""
     cliprange: float = 0.2
+    """PPO ratio clip epsilon (Schulman et al. 2017)."""
     cliprange_value: float = 0.2
+    """Value clip around the rollout-time value."""
     vf_coef: float = 0.1
+    """Weight of the value loss in the joint loss."""
     entropy_coef: float = 0.0
+    """Entropy bonus weight (0: entropy is only logged)."""
     kl_coef: float = 0.05
+    """Initial per-token KL penalty beta (fixed unless adaptive_kl)."""
     adaptive_kl: bool = False
+    """Adapt beta toward kl_target (Ziegler et al. 2019)."""
     kl_target: float = 6.0
+    """Target per-sequence KL of the adaptive controller (Ziegler et al.: 6 nats)."""
     kl_horizon: int = 10000
+    """Samples over which the adaptive controller corrects its error (Ziegler et al.: 10000)."""
     whiten_advantages: bool = True
+    """Normalise advantages to mean 0, std 1 over the rollout's response tokens."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response that never produces the end-of-turn token."""
     reference_dtype: Literal["float32", "bfloat16"] = "float32"

@@ -1,0 +1,218 @@
+"""Q&A records for SFT: every accepted schema normalised to chat ``messages``.
+
+Accepted record schemas (DESIGN.md, "Data"), tried in this order:
+
+==========================  ==============================================================
+``messages``                a list of ``{"role": system|user|assistant, "content": str}`` turns
+``prompt`` / ``completion`` strings, or lists of turns (TRL's conversational prompt-completion)
+``question`` / ``answer``   strings
+``instruction`` / ``output`` strings, with an optional ``input`` appended to the instruction
+==========================  ==============================================================
+
+Each becomes ``{"messages": [...], **passthrough}`` where the passthrough keeps ``task``, ``answer``
+and ``id`` (what the generated tasks' checker needs). A record that fits no schema raises
+:class:`~pipeline.data.records.BadRecord` naming the location (file and line/row) and the field;
+with ``on_bad_record: skip`` it is skipped and counted instead.
+
+>>> from pipeline.data.records import Record
+>>> normalise_chat(Record("qa.csv:row 1", {"question": "2+2?", "answer": "4"}))["messages"]
+[{'role': 'user', 'content': '2+2?'}, {'role': 'assistant', 'content': '4'}]
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import DatasetSpec, TasksConfig
+from pipeline.data.records import BadRecord, Record, SkipCounter, normalise_all, read_records
+
+__all__ = ["ROLES", "SCHEMAS", "SFTData", "normalise_chat", "load_sft_data", "last_user_prompt"]
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+SCHEMAS = "messages | prompt+completion | question+answer | instruction(+input)+output"
+_PASSTHROUGH = ("task", "answer", "id")
+
+
+@dataclass
+class SFTData:
+    """The SFT records of a run, normalised to ``messages``."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    skipped: int = 0
+    """Bad records skipped (``on_bad_record: skip``), train and eval sources together."""
+    source: str = ""
+
+
+def _text(value: Any, field: str, where: str, allow_empty: bool = False) -> str:
+    if value is None:
+        raise BadRecord(f"{where}: field '{field}' is missing (null)")
+    if not isinstance(value, str):
+        raise BadRecord(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadRecord(f"{where}: field '{field}' is empty")
+    return value
+
+
+def _turns(value: Any, field: str, where: str) -> list[dict[str, str]]:
+    """Validate a list of chat turns (``field`` names it in errors, e.g. ``messages``)."""
+    if hasattr(value, "tolist"):  # numpy arrays from parquet/datasets
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BadRecord(f"{where}: field '{field}' must be a non-empty list of {{role, content}} turns")
+    turns = []
+    for i, turn in enumerate(value):
+        f = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise BadRecord(
+                f"{where}: field '{f}' must be an object with 'role' and 'content', got {type(turn).__name__}"
+            )
+        role = turn.get("role")
+        if role not in ROLES:
+            raise BadRecord(f"{where}: field '{f}.role' is {role!r}, expected one of {', '.join(ROLES)}")
+        turns.append(
+            {"role": role, "content": _text(turn.get("content"), f"{f}.content", where, allow_empty=role == "system")}
+        )
+    return turns
+
+
+def _from_messages(data: dict[str, Any], where: str) -> list[dict[str, str]]:
+    turns = _turns(data["messages"], "messages", where)
+    if not any(t["role"] == "assistant" for t in turns):
+        raise BadRecord(f"{where}: field 'messages' has no assistant turn to train on")
+    if turns[-1]["role"] != "assistant":
+        raise BadRecord(f"{where}: field 'messages' must end with an assistant turn, ends with '{turns[-1]['role']}'")
+    return turns
+
+
+def _from_prompt_completion(data: dict[str, Any], where: str) -> list[dict[str, str]]:
+    if "completion" not in data:
+        raise BadRecord(f"{where}: record has 'prompt' but no field 'completion' (schemas: {SCHEMAS})")
+    prompt, completion = data["prompt"], data["completion"]
+    if isinstance(prompt, str) or prompt is None:
+        turns = [{"role": "user", "content": _text(prompt, "prompt", where)}]
+    else:
+        turns = _turns(prompt, "prompt", where)
+    if isinstance(completion, str) or completion is None:
+        turns.append({"role": "assistant", "content": _text(completion, "completion", where)})
+    else:
+        done = _turns(completion, "completion", where)
+        if done[-1]["role"] != "assistant":
+            raise BadRecord(f"{where}: field 'completion' must end with an assistant turn")
+        turns.extend(done)
+    return turns
+
+
+def _from_question_answer(data: dict[str, Any], where: str) -> list[dict[str, str]]:
+    if "answer" not in data:
+        raise BadRecord(f"{where}: record has 'question' but no field 'answer' (schemas: {SCHEMAS})")
+    return [
+        {"role": "user", "content": _text(data["question"], "question", where)},
+        {"role": "assistant", "content": _text(_scalar(data["answer"]), "answer", where)},
+    ]
+
+
+def _from_instruction(data: dict[str, Any], where: str) -> list[dict[str, str]]:
+    if "output" not in data:
+        raise BadRecord(f"{where}: record has 'instruction' but no field 'output' (schemas: {SCHEMAS})")
+    user = _text(data["instruction"], "instruction", where)
+    extra = data.get("input")
+    if extra is not None:
+        extra = _text(extra, "input", where, allow_empty=True)
+        if extra.strip():
+            user = f"{user}\n\n{extra}"  # Alpaca's layout: instruction, blank line, input
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(data["output"], "output", where)}]
+
+
+def _scalar(value: Any) -> Any:
+    """Numbers as answers (``{"question": "2+2?", "answer": 4}``) read as text."""
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def normalise_chat(rec: Record) -> dict[str, Any]:
+    """Normalise one record of any accepted schema to ``{"messages": [...], task?, answer?, id?}``.
+
+    Raises:
+        BadRecord: the record fits no schema, or a field has the wrong type or is empty; the message
+            names ``rec.location`` and the field.
+    """
+    # Columnar sources (parquet, hub datasets) give every row every column, null where a row lacks it.
+    data, where = {k: v for k, v in rec.data.items() if v is not None}, rec.location
+    if "messages" in data:
+        messages = _from_messages(data, where)
+    elif "prompt" in data:
+        messages = _from_prompt_completion(data, where)
+    elif "question" in data:
+        messages = _from_question_answer(data, where)
+    elif "instruction" in data:
+        messages = _from_instruction(data, where)
+    else:
+        keys = ", ".join(map(str, data)) or "none"
+        raise BadRecord(f"{where}: record fits no SFT schema (expected {SCHEMAS}); fields found: {keys}")
+    out: dict[str, Any] = {"messages": messages}
+    for key in _PASSTHROUGH:
+        if data.get(key) is not None and not (key == "answer" and "task" not in data):
+            out[key] = _scalar(data[key]) if key == "answer" else data[key]
+    return out
+
+
+def last_user_prompt(record: dict[str, Any]) -> str:
+    """The last user message before the final assistant turn: the held-out prompt of a record."""
+    users = [m["content"] for m in record["messages"][:-1] if m["role"] == "user"]
+    return users[-1] if users else ""
+
+
+def _read(source: str, split: str, spec: DatasetSpec) -> tuple[list[dict[str, Any]], SkipCounter]:
+    records = read_records(source, split=split, hub_config=spec.hub_config, max_records=spec.max_records)
+    return normalise_all(records, normalise_chat, spec.on_bad_record)
+
+
+def load_sft_data(spec: DatasetSpec, tasks: TasksConfig, seed: int) -> SFTData:
+    """The train and held-out records a :class:`DatasetSpec` names, normalised to ``messages``.
+
+    ``source: default`` uses the generated tasks (``generate_tasks(tasks).sft_train/sft_eval``). A file
+    or ``hub:<name>`` source takes its held-out set from ``eval_source`` (split ``eval_split``, default
+    ``split``) or, when that is empty, carves ``eval_fraction`` off the training records with a seeded
+    shuffle.
+
+    Raises:
+        BadRecord: a bad record in ``on_bad_record: error`` mode (names file, line/row and field).
+        FileNotFoundError: a local source does not exist.
+    """
+    if spec.source == "default":
+        from pipeline.data.tasks import generate_tasks
+
+        sets = generate_tasks(tasks)
+        train = [normalise_chat(Record(f"default:sft_train[{i}]", r)) for i, r in enumerate(sets.sft_train)]
+        held = [normalise_chat(Record(f"default:sft_eval[{i}]", r)) for i, r in enumerate(sets.sft_eval)]
+        if spec.max_records:
+            train = train[: spec.max_records]
+        return SFTData(train, held, 0, "default")
+    train, skipped = _read(spec.source, spec.split, spec)
+    if spec.eval_source:
+        held, skipped_eval = _read(spec.eval_source, spec.eval_split or spec.split, spec)
+        skipped.skipped += skipped_eval.skipped
+    else:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_eval = int(round(len(train) * spec.eval_fraction)) if spec.eval_fraction > 0 else 0
+        if spec.eval_fraction > 0 and len(train) > 1:
+            n_eval = min(max(n_eval, 1), len(train) - 1)
+        held_idx = set(order[:n_eval])
+        held = [r for i, r in enumerate(train) if i in held_idx]
+        train = [r for i, r in enumerate(train) if i not in held_idx]
+    if not train:
+        raise BadRecord(f"{spec.source}: no usable SFT records (skipped {skipped.skipped} bad ones)")
+    log.info(
+        "sft data: %d train, %d held-out records from %s (%d bad skipped)",
+        len(train),
+        len(held),
+        spec.source,
+        skipped.skipped,
+    )
+    return SFTData(train, held, skipped.skipped, spec.source)

@@ -1,0 +1,112 @@
+"""pipeline.evaluate: chat generation (left padding, stop at <|end|>) and checker accuracy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.evaluate import _decode_answer, checker_accuracy, generate_responses, stop_token_ids
+from tests.helpers_artifacts import make_tiny_lm, make_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest, and kind to a shared machine
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lm(tok):
+    return make_tiny_lm(tok, n_positions=64)
+
+
+def test_stop_ids_put_end_of_turn_first(tok, lm):
+    stops = stop_token_ids(tok, lm)
+    assert stops[0] == tok.convert_tokens_to_ids("<|end|>")
+    assert tok.eos_token_id in stops and len(stops) == len(set(stops))
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tok, lm):
+    prompts = ["What is 12 plus 30?", "Hi", "Reverse the word apple please, then count the letters"]
+    batched = generate_responses(lm, tok, prompts, max_new_tokens=8, batch_size=3)
+    single = [generate_responses(lm, tok, [p], max_new_tokens=8)[0] for p in prompts]
+    assert batched == single
+    assert all(isinstance(r, str) for r in batched)
+    lm.train()
+    generate_responses(lm, tok, prompts[:1], max_new_tokens=2)
+    assert lm.training  # the caller's mode is restored
+    lm.eval()
+
+
+def test_greedy_matches_manual_argmax_and_stops_at_end(tok, lm):
+    """Greedy answer = argmax decoding of the rendered chat prompt, cut at the first stop token."""
+    prompt = "What is 2 plus 2?"
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|assistant|>")
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    stops = set(stop_token_ids(tok, lm))
+    out: list[int] = []
+    lm.eval()
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        for _ in range(10):
+            nxt = int(lm(x).logits[0, -1].argmax())
+            if nxt in stops:
+                break
+            out.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
+    expected = tok.decode(out, skip_special_tokens=True)
+    assert generate_responses(lm, tok, [prompt], max_new_tokens=10) == [expected]
+
+
+def test_decode_cuts_at_first_stop_and_drops_special_tokens(tok):
+    end = tok.convert_tokens_to_ids("<|end|>")
+    hi = tok("hi", add_special_tokens=False)["input_ids"]
+    user = tok.convert_tokens_to_ids("<|user|>")
+    assert _decode_answer(tok, hi + [user] + hi + [end] + hi, {end}) == "hihi"
+
+
+def test_sampling_is_reproducible_with_seed_and_restores_rng(tok, lm):
+    prompts = ["a", "b c"]
+    state = torch.random.get_rng_state()
+    a = generate_responses(lm, tok, prompts, max_new_tokens=6, do_sample=True, top_k=20, seed=7)
+    assert torch.equal(state, torch.random.get_rng_state())
+    b = generate_responses(lm, tok, prompts, max_new_tokens=6, do_sample=True, top_k=20, seed=7)
+    assert a == b
+
+
+def test_long_prompt_is_cut_to_fit_context(tok, lm):
+    long = "word " * 200  # far more than the 64-token context
+    (resp,) = generate_responses(lm, tok, [long], max_new_tokens=8)
+    assert isinstance(resp, str)
+    with pytest.raises(ValueError, match="no room"):
+        generate_responses(lm, tok, ["x"], max_new_tokens=64)
+
+
+def test_checker_accuracy():
+    pytest.importorskip("pipeline.data.tasks")
+    from pipeline.data.tasks import check_answer
+
+    recs = [
+        {"task": "add", "answer": "5", "id": "1"},
+        {"task": "add", "answer": "7", "id": "2"},
+        {"prompt": "no checker"},
+    ]
+    responses = ["5", "8", "anything"]
+    expected = [check_answer(recs[0], "5"), check_answer(recs[1], "8")]
+    assert expected == [True, False]
+    assert checker_accuracy(recs, responses) == pytest.approx(0.5)
+
+
+def test_checker_accuracy_none_without_checker_and_length_mismatch():
+    assert checker_accuracy([{"prompt": "q"}], ["a"]) is None
+    assert checker_accuracy([], []) is None
+    with pytest.raises(ValueError, match="2 records but 1 responses"):
+        checker_accuracy([{}, {}], ["a"])
