@@ -142,7 +142,8 @@ class TasksConfig:
     seed: int = 1234
     kinds: tuple[str, ...] = ("add", "reverse", "count", "spell")
     """Task families, see ``pipeline.data.tasks``."""
-    n_sft_train: int = 4000
+    n_sft_train: int = 12000
+    """3,000 per kind by default: more distinct examples generalise better than more epochs (measured)."""
     n_sft_eval: int = 200
     n_reward_train: int = 1500
     n_reward_eval: int = 200

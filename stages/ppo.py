@@ -1,0 +1,127 @@
+"""PPO: align the SFT policy against the reward model (our own PPO on accelerate / DeepSpeed).
+
+    accelerate launch --config_file configs/accelerate/cpu.yaml -m stages.ppo --config configs/tiny.yaml
+    make ppo [LAUNCH=ddp|zero2|zero3] [ARGS="ppo.steps=50 ppo.kl_coef=0.1"]
+
+Reads runs/<run>/sft/artifact (or ``ppo.policy_from``) and runs/<run>/reward/artifact (or ``ppo.reward_from``),
+writes runs/<run>/ppo/artifact (the aligned causal LM + tokenizer + generation_config), metrics.jsonl,
+curves.png and checkpoints/step_N (policy+value, optimizer, scheduler, RNGs, KL controller, prompt cursor).
+A killed run started again resumes from the newest complete checkpoint; a finished one does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from accelerate.utils import set_seed
+
+from pipeline.data.prompts import load_prompts
+from pipeline.rl.components import (
+    context_length,
+    evaluate_held_out,
+    load_models,
+    load_reward_stats,
+    make_accelerator,
+    plot_curves,
+    render_prompts,
+    save_policy,
+)
+from pipeline.rl.trainer import PPOInterrupted, PPOTrainer
+from pipeline.runs import StageError
+from pipeline.stage import StageContext, StageResult, run_stage
+
+log = logging.getLogger("stages.ppo")
+
+
+def _body(ctx: StageContext) -> StageResult:
+    cfg, seed = ctx.cfg.ppo, ctx.cfg.run.seed
+    policy_from = cfg.policy_from or ctx.upstream("sft").artifact
+    reward_from = cfg.reward_from or ctx.upstream("reward").artifact
+    # loaded before the Accelerator exists, so ZeRO-3 does not partition them at load time: the frozen
+    # reference and reward model stay whole, and prepare() shards only policy+value
+    m = load_models(policy_from, reward_from, cfg.trust_remote_code)
+    accelerator = make_accelerator()
+    set_seed(seed, device_specific=True)  # each process samples its own responses
+    ctx_len = context_length(m.policy)
+    if ctx_len is not None and cfg.max_prompt_length + cfg.max_new_tokens > ctx_len:
+        raise StageError(
+            f"ppo.max_prompt_length + ppo.max_new_tokens = {cfg.max_prompt_length} + {cfg.max_new_tokens} "
+            f"exceeds the policy's context of {ctx_len} tokens"
+        )
+    try:
+        data = load_prompts(cfg.dataset, ctx.cfg.data.tasks, seed)
+    except (ValueError, FileNotFoundError) as e:  # BadRecord names file, line/row and field
+        raise StageError(f"ppo.dataset: {e}") from None
+    train_ids = render_prompts(m.tokenizer, data.train, cfg.max_prompt_length)
+    held = data.held_out[: cfg.n_eval_prompts]
+    held_ids = render_prompts(m.tokenizer, held, cfg.max_prompt_length)
+
+    trainer = PPOTrainer(
+        cfg,
+        accelerator,
+        m.policy,
+        m.value_model,
+        m.ref_model,
+        m.reward_model,
+        m.stop_ids,
+        m.pad_id,
+        reward_stats=load_reward_stats(reward_from),
+        seed=seed,
+    )
+
+    def on_eval(step: int) -> dict[str, float]:
+        metrics, _ = evaluate_held_out(trainer, m.tokenizer, held, held_ids, 0)
+        return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    try:
+        trainer.fit(train_ids, ctx.dir, resume=ctx.state == "partial", on_eval=on_eval)
+    except PPOInterrupted as e:
+        log.warning("ppo: %s", e)
+        raise SystemExit(128 + e.signum) from None
+
+    final, samples = evaluate_held_out(trainer, m.tokenizer, held, held_ids, cfg.n_samples)
+    save_policy(trainer, m.tokenizer, m.stop_ids, m.pad_id, ctx.dir.artifact)
+    if accelerator.is_main_process:
+        ctx.dir.append_metrics({"step": trainer.step, **{f"eval/{k}": v for k, v in final.items() if v is not None}})
+    history = ctx.dir.read_metrics()
+    if accelerator.is_main_process:
+        plot_curves(history, ctx.dir.root / "curves.png")
+    last = next((r for r in reversed(history) if "ppo/reward" in r), {})
+    metrics = {
+        **final,
+        "steps": trainer.step,
+        "train_reward": last.get("ppo/reward"),
+        "train_kl": last.get("ppo/kl"),
+        "prompts_per_s": last.get("ppo/prompts_per_s"),
+        "rollout_tokens_per_s": last.get("ppo/rollout_tokens_per_s"),
+    }
+    log.info(
+        "ppo: held-out reward %.3f (SFT %.3f), KL %.3f, checker accuracy %s (SFT %s)",
+        final.get("reward_mean", float("nan")),
+        final.get("sft_reward_mean", float("nan")),
+        final.get("kl", float("nan")),
+        final.get("checker_accuracy"),
+        final.get("sft_checker_accuracy"),
+    )
+    extra = {
+        "samples": samples,
+        "data": {
+            "source": data.source,
+            "n_train": len(data.train),
+            "n_eval": len(held),
+            "skipped_bad_records": data.skipped,
+        },
+        "policy_from": str(policy_from),
+        "reward_from": str(reward_from),
+        "curves": str(ctx.dir.root / "curves.png"),
+    }
+    accelerator.wait_for_everyone()
+    return StageResult(metrics=metrics, extra=extra, prior_wall_time_s=trainer.resumed_wall_time_s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("ppo", argv, _body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

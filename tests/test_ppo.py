@@ -1,0 +1,494 @@
+"""PPO rollouts, masks, the trainer and the stage on tiny random GPT-2 models (CPU)."""
+
+import copy
+import doctest
+import os
+import signal
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+import pipeline.rl.gae
+import pipeline.rl.kl
+import pipeline.rl.rollout
+from pipeline.config import PPOStageConfig
+from pipeline.rl.gae import masked_mean
+from pipeline.rl.losses import policy_loss, value_loss
+from pipeline.rl.rollout import (
+    PolicyAndValue,
+    disable_dropout,
+    fuse_activations,
+    left_pad,
+    response_logprobs,
+    sequence_scores,
+    token_scores,
+    truncate_after_stop,
+)
+from pipeline.rl.trainer import PPOInterrupted, PPOTrainer
+from pipeline.runs import StageDir
+
+V, PAD, STOP, TARGET = 16, 0, 1, 7
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_clean_env():
+    """Tiny models: one thread is fastest, and far faster than two on a shared, busy machine. In-process
+    Accelerators set ACCELERATE_* variables (e.g. ACCELERATE_USE_CPU) that later launches would inherit."""
+    n = torch.get_num_threads()
+    env = dict(os.environ)
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+    for k in [k for k in os.environ if k.startswith("ACCELERATE_") and k not in env]:
+        del os.environ[k]
+
+
+def tiny_models(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=PAD)
+    policy = GPT2LMHeadModel(cfg)
+    value = GPT2ForSequenceClassification(GPT2Config(**{**cfg.to_dict(), "num_labels": 1}))
+    for m in (policy, value):
+        disable_dropout(m)
+    return policy, value
+
+
+def count_target(query_ids, query_mask, response_ids, response_mask):
+    """Programmatic reward: how many times TARGET appears in the response."""
+    return ((response_ids == TARGET) & response_mask.bool()).sum(1).float()
+
+
+def make_trainer(ref_equals_policy=True, score_fn=count_target, reward_model=None, **overrides):
+    cfg = PPOStageConfig(
+        **{
+            "max_new_tokens": 6,
+            "rollout_batch_size": 8,
+            "minibatch_size": 4,
+            "ppo_epochs": 2,
+            "steps": 4,
+            "lr": 1e-3,
+            "kl_coef": 0.05,
+            "missing_eos_penalty": 0.0,
+            "ckpt_interval": 2,
+            "log_interval": 100,
+            **overrides,
+        }
+    )
+    policy, value = tiny_models()
+    ref = copy.deepcopy(policy) if ref_equals_policy else tiny_models(seed=1)[0]
+    return PPOTrainer(
+        cfg, Accelerator(cpu=True), policy, value, ref, reward_model, [STOP], PAD, score_fn=score_fn, seed=0
+    )
+
+
+PROMPTS = [[3, 4, 5], [6, 2], [9, 10, 11, 12, 13], [4], [5, 5, 5, 5], [8, 9], [2, 3, 4, 5, 6, 7], [12]]
+
+
+def test_doctests():
+    for mod in (pipeline.rl.gae, pipeline.rl.kl, pipeline.rl.rollout):
+        assert doctest.testmod(mod).failed == 0
+
+
+def test_truncate_after_stop_masks_everything_after_the_first_stop():
+    ids = torch.tensor([[4, 1, 5, 1], [1, 4, 4, 4], [4, 4, 4, 4]])
+    out, mask, ended = truncate_after_stop(ids, [STOP], PAD)
+    assert out.tolist() == [[4, 1, 0, 0], [1, 0, 0, 0], [4, 4, 4, 4]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+
+
+def test_left_padding_invariance_of_logprobs_values_and_scores():
+    policy, value = tiny_models()
+    response = [[4, 9, 1, 0], [7, 7, 7, 7]]
+    resp = torch.tensor(response)
+    rmask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    short = [3, 4]
+    # alone: the short prompt has no padding
+    q1, m1 = left_pad([short], PAD)
+    # in a batch beside a much longer prompt: 6 columns of left padding
+    q2, m2 = left_pad([short, [5, 6, 7, 8, 9, 10, 11, 12]], PAD)
+    lp1 = response_logprobs(policy, q1, m1, resp[:1], rmask[:1])
+    lp2 = response_logprobs(policy, q2, m2, resp, rmask)
+    torch.testing.assert_close(lp1[0], lp2[0], atol=1e-5, rtol=0)
+    P1, P2 = q1.shape[1], q2.shape[1]
+    v1 = token_scores(value, q1, m1, resp[:1], rmask[:1])[:, P1 - 1 : P1 - 1 + 4]
+    v2 = token_scores(value, q2, m2, resp, rmask)[:, P2 - 1 : P2 - 1 + 4]
+    torch.testing.assert_close(v1[0] * rmask[0], v2[0] * rmask[0], atol=1e-5, rtol=0)
+    s1 = sequence_scores(value, q1, m1, resp[:1], rmask[:1])
+    s2 = sequence_scores(value, q2, m2, resp, rmask)
+    torch.testing.assert_close(s1[0], s2[0], atol=1e-5, rtol=0)
+    # the PolicyAndValue module used in training agrees
+    lp3, v3, _ = PolicyAndValue(policy, value)(q2, m2, resp, rmask)
+    torch.testing.assert_close(lp3 * rmask, lp2, atol=1e-6, rtol=0)
+    torch.testing.assert_close(v3, v2, atol=1e-6, rtol=0)
+
+
+def test_fused_activation_gives_the_same_model():
+    policy, _ = tiny_models()
+    ids = torch.randint(0, V, (2, 9))
+    before = policy(input_ids=ids).logits
+    assert fuse_activations(policy) == 2  # one per block
+    torch.testing.assert_close(policy(input_ids=ids).logits, before, atol=1e-5, rtol=0)
+
+
+def test_sequence_score_is_the_head_at_the_last_response_token():
+    _, value = tiny_models()
+    q, m = left_pad([[3, 4, 5]], PAD)
+    resp, rmask = torch.tensor([[6, 1, 0, 0]]), torch.tensor([[1, 1, 0, 0]])
+    # the HF model on the unpadded sequence 3 4 5 6 1 scores its last token
+    expected = value(input_ids=torch.tensor([[3, 4, 5, 6, 1]])).logits[0, 0]
+    torch.testing.assert_close(sequence_scores(value, q, m, resp, rmask)[0], expected, atol=1e-5, rtol=0)
+
+
+def test_padding_after_the_end_never_enters_a_loss_or_statistic():
+    policy, value = tiny_models()
+    model = PolicyAndValue(policy, value)
+    q, qm = left_pad([[3, 4, 5], [6]], PAD)
+    resp = torch.tensor([[4, 1, 0, 0], [5, 6, 7, 8]])
+    rmask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    old_lp = torch.tensor([[-2.0, -2.5, 0.0, 0.0], [-2.0, -3.0, -2.2, -2.1]])
+    old_v = torch.tensor([[0.1, 0.2, 0.0, 0.0], [0.3, -0.1, 0.0, 0.2]])
+    adv = torch.tensor([[1.0, -0.5, 0.0, 0.0], [0.5, 0.2, -1.0, 2.0]])
+    ret = torch.tensor([[0.4, 0.1, 0.0, 0.0], [0.2, 0.3, 0.1, -0.3]])
+
+    def losses(resp, old_lp, old_v, adv, ret):
+        model.zero_grad()
+        lp, v, ent = model(q, qm, resp, rmask, with_entropy=True)
+        pg, pgs = policy_loss(lp, old_lp, adv, rmask, 0.2)
+        vf, vfs = value_loss(v, old_v, ret, rmask, 0.2)
+        loss = pg + 0.1 * vf - 0.01 * masked_mean(ent, rmask)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return loss.detach(), pgs["clipfrac"], pgs["approx_kl"], vfs["vf_clipfrac"], grads
+
+    base = losses(resp, old_lp, old_v, adv, ret)
+    pad = ~rmask.bool()
+    garbage = losses(
+        torch.where(pad, torch.full_like(resp, 9), resp),
+        torch.where(pad, torch.full_like(old_lp, 50.0), old_lp),
+        torch.where(pad, torch.full_like(old_v, -80.0), old_v),
+        torch.where(pad, torch.full_like(adv, 1e4), adv),
+        torch.where(pad, torch.full_like(ret, 1e3), ret),
+    )
+    for a, b in zip(base, garbage):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_rollout_masks_and_kl_zero_when_policy_is_reference():
+    tr = make_trainer()
+    q, qm = left_pad(PROMPTS, PAD)
+    ro = tr.rollout(q, qm)
+    B, T = ro.response_ids.shape
+    assert B == 8 and T <= 6
+    # logprobs, values and the reference are 0 after the end of each response
+    pad = ~ro.response_mask.bool()
+    assert ro.logprobs[pad].abs().max() == 0 if pad.any() else True
+    assert ro.values[pad].abs().max() == 0 if pad.any() else True
+    assert (ro.response_ids[pad] == PAD).all()
+    assert torch.equal(ro.ended, (ro.response_ids == STOP).any(1))
+    # the reference is a copy of the policy: the KL penalty is exactly 0
+    assert torch.equal(ro.logprobs, ro.ref_logprobs)
+    stats = tr.update(ro)
+    assert stats["kl"] == 0.0 and stats["non_score_reward"] == 0.0
+    torch.testing.assert_close(ro.scores, count_target(None, None, ro.response_ids, ro.response_mask))
+
+
+def test_first_minibatch_has_ratio_one_and_later_ones_move():
+    tr = make_trainer()
+    q, qm = left_pad(PROMPTS, PAD)
+    ro = tr.rollout(q, qm)
+    tr.update(ro)
+    first = tr.minibatch_stats[0]
+    assert abs(first["ratio"] - 1.0) < 1e-6
+    assert first["approx_kl"] < 1e-12
+    assert first["clipfrac"] == 0.0
+    assert len(tr.minibatch_stats) == 2 * 2  # ppo_epochs x minibatches
+    assert tr.minibatch_stats[-1]["approx_kl"] > 0
+
+
+def test_reward_model_scores_prompt_response_and_end_token():
+    _, rm = tiny_models(seed=3)
+    tr = make_trainer(score_fn=None, reward_model=rm, missing_eos_penalty=1.0)
+    tr.reward_stats = {"mean": 0.5, "std": 2.0}
+    q, qm = left_pad(PROMPTS, PAD)
+    ro = tr.rollout(q, qm)
+    for i in range(len(PROMPTS)):
+        resp = ro.response_ids[i][ro.response_mask[i].bool()].tolist()
+        if not ro.ended[i]:
+            resp = resp + [STOP]  # the reward model always sees a finished turn
+        expected = rm(input_ids=torch.tensor([PROMPTS[i] + resp])).logits[0, 0]
+        torch.testing.assert_close(ro.raw_scores[i], expected, atol=1e-5, rtol=0)
+    # centred by reward_stats, minus the penalty for responses that never ended
+    torch.testing.assert_close(ro.scores, ro.raw_scores - 0.5 - 1.0 * (~ro.ended).float())
+
+
+def test_missing_eos_penalty_and_reward_normalisation():
+    tr = make_trainer(score_fn=lambda q, qm, r, rm: torch.full((r.shape[0],), 3.0), missing_eos_penalty=1.5)
+    q, qm = left_pad(PROMPTS, PAD)
+    ro = tr.rollout(q, qm)
+    expected = 3.0 - 1.5 * (~ro.ended).float()
+    torch.testing.assert_close(ro.scores, expected)
+    # with a reward model the raw score is centred (or standardised) by reward_stats.json
+    tr.score_fn = None
+    tr.reward_stats = {"mean": 1.0, "std": 2.0}
+    torch.testing.assert_close(tr.normalise(torch.tensor([3.0])), torch.tensor([2.0]))
+    tr.cfg = PPOStageConfig(**{**tr.cfg.__dict__, "reward_norm": "standardize"})
+    torch.testing.assert_close(tr.normalise(torch.tensor([3.0])), torch.tensor([1.0]))
+
+
+def test_ppo_raises_a_programmatic_reward():
+    torch.manual_seed(0)
+    tr = make_trainer(
+        steps=6, rollout_batch_size=16, minibatch_size=8, ppo_epochs=4, lr=1e-2, max_new_tokens=6, kl_coef=0.01
+    )
+    prompts = [[2 + (i % 10), 3 + (i % 7)] for i in range(64)]
+    history = tr.fit(prompts)
+    rewards = [h["ppo/reward"] for h in history]
+    # a random 16-token policy emits TARGET ~1/16 of the time: about 0.4 per 6-token response
+    assert sum(rewards[-2:]) / 2 > 2 * max(sum(rewards[:2]) / 2, 0.3), rewards
+    for key in (
+        "ppo/kl",
+        "ppo/entropy",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/policy_loss",
+        "ppo/value_loss",
+        "ppo/explained_variance",
+        "ppo/response_length",
+        "ppo/ended",
+        "ppo/rollout_tokens_per_s",
+        "ppo/step_time_s",
+        "ppo/reward_raw",
+    ):
+        assert key in history[-1]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    def weights(tr):
+        return {k: v.clone() for k, v in tr.unwrapped.state_dict().items()}
+
+    torch.manual_seed(0)
+    straight = make_trainer()
+    straight.fit(PROMPTS * 2)
+    w_straight = weights(straight)
+
+    sd = StageDir(tmp_path / "ppo")
+    torch.manual_seed(0)
+    first = make_trainer(eval_interval=2, ckpt_interval=3)
+
+    def sigterm_at_step_2(step):  # a kill arrives during step 2: the loop checkpoints and stops
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    with pytest.raises(PPOInterrupted):
+        first.fit(PROMPTS * 2, stage_dir=sd, on_eval=sigterm_at_step_2)
+    assert sd.latest_checkpoint().name == "step_000002"
+    torch.manual_seed(123)  # a different RNG state: the checkpoint must restore it
+    second = make_trainer()
+    history = second.fit(PROMPTS * 2, stage_dir=sd, resume=True)
+    assert [h["step"] for h in history] == [3, 4]
+    w_resumed = weights(second)
+    assert w_straight.keys() == w_resumed.keys()
+    for k in w_straight:
+        assert torch.equal(w_straight[k], w_resumed[k]), k
+    assert second.kl_ctl.value == straight.kl_ctl.value
+    assert [r["step"] for r in sd.read_metrics()] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+STAGE_ARGS = [
+    "ppo.steps=3",
+    "ppo.rollout_batch_size=4",
+    "ppo.minibatch_size=2",
+    "ppo.ppo_epochs=2",
+    "ppo.max_new_tokens=8",
+    "ppo.max_prompt_length=48",
+    "ppo.n_eval_prompts=4",
+    "ppo.n_samples=2",
+    "ppo.eval_interval=2",
+    "ppo.ckpt_interval=1",
+    "ppo.lr=1e-3",
+    "data.tasks.n_ppo_train=16",
+    "data.tasks.n_ppo_eval=8",
+    "data.tasks.n_sft_eval=8",
+]
+
+
+def stage_setup(tmp_path, extra=()):
+    from pipeline.config import load_config
+    from tests.helpers_artifacts import make_fake_upstream, make_tokenizer
+
+    args = [f"run.root={tmp_path}", "run.name=t", *STAGE_ARGS, *extra]
+    cfg = load_config(None, args)
+    tok = make_tokenizer()
+    for stage in ("tokenizer", "pretrain", "sft", "reward"):
+        make_fake_upstream(cfg.run_dir, cfg, stage, tokenizer=tok)
+    return cfg, args
+
+
+def test_stage_end_to_end_and_skip_when_done(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from stages.ppo import main
+
+    cfg, args = stage_setup(tmp_path)
+    assert main(args) == 0
+    sd = StageDir.of(cfg.run_dir, "ppo")
+    manifest = json.loads(sd.manifest_path.read_text())
+    for key in ("reward_mean", "sft_reward_mean", "kl", "checker_accuracy"):
+        assert key in manifest["metrics"], key
+    assert manifest["metrics"]["n_eval"] == 4
+    assert len(manifest["samples"]) == 2 and {"prompt", "sft", "policy"} <= set(manifest["samples"][0])
+    lm = AutoModelForCausalLM.from_pretrained(sd.artifact)
+    sft = AutoModelForCausalLM.from_pretrained(StageDir.of(cfg.run_dir, "sft").artifact)
+    assert any(not torch.equal(a, b) for a, b in zip(lm.state_dict().values(), sft.state_dict().values()))
+    rows = sd.read_metrics()
+    assert [r["step"] for r in rows] == [1, 2, 3, 3]  # the last line is the final held-out evaluation
+    assert "eval/reward_mean" in rows[1] and "eval/reward_mean" in rows[3]
+    assert manifest["metrics"]["train_reward"] == rows[2]["ppo/reward"]
+    assert (sd.root / "curves.png").is_file()
+    assert len(sd.list_checkpoints()) == 2  # keep_checkpoints
+    mtime = sd.manifest_path.stat().st_mtime
+    assert main(args) == 0  # done: nothing to do
+    assert sd.manifest_path.stat().st_mtime == mtime
+
+
+@pytest.mark.slow
+def test_stage_resumes_after_a_kill(tmp_path):
+    import json
+    import shutil
+
+    from stages.ppo import main
+
+    cfg, args = stage_setup(tmp_path)
+    assert main(args) == 0
+    sd = StageDir.of(cfg.run_dir, "ppo")
+    full = json.loads(sd.manifest_path.read_text())
+    # a kill after step 2: only checkpoints up to 2 exist, no manifest, no artifact
+    sd.manifest_path.unlink()
+    shutil.rmtree(sd.artifact)
+    shutil.rmtree(sd.checkpoints / "step_000003")
+    assert sd.state(full["fingerprint"]) == "partial"
+    assert main(args) == 0
+    resumed = json.loads(sd.manifest_path.read_text())
+    assert [r["step"] for r in sd.read_metrics()] == [1, 2, 3, 3]
+    assert resumed["metrics"]["reward_mean"] == pytest.approx(full["metrics"]["reward_mean"], abs=1e-6)
+    assert resumed["metrics"]["kl"] == pytest.approx(full["metrics"]["kl"], abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- multi-process (slow)
+
+
+def _launch(tmp_path, launch, args, name):
+    """Run the stage under ``accelerate launch`` with 2 processes and the project's config for ``launch``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    src = root / "configs" / "accelerate" / f"{launch}.yaml"
+    lines = src.read_text().splitlines()
+    if launch.startswith("zero"):
+        # accelerate rejects a top-level mixed_precision beside a deepspeed_config_file (the JSON decides)
+        lines = [ln for ln in lines if not ln.startswith("mixed_precision")]
+    text = "\n".join(lines).replace("configs/accelerate/", f"{root}/configs/accelerate/")
+    cfg_file = tmp_path / f"{name}.yaml"
+    cfg_file.write_text(text + "\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--main_process_port",
+        "0",
+        "--num_processes",
+        "2",
+        "--config_file",
+        str(cfg_file),
+        "-m",
+        "stages.ppo",
+        *args,
+    ]
+    # in-process Accelerators of earlier tests leave ACCELERATE_USE_CPU=true behind: the launcher decides, not them
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+
+
+def _artifact_weights(cfg):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(StageDir.of(cfg.run_dir, "ppo").artifact).state_dict()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["ddp", "zero2", "zero3"])
+def test_two_processes_train_agree_and_resume(tmp_path, launch):
+    import json
+    import shutil
+
+    cfg, args = stage_setup(tmp_path)
+    _launch(tmp_path, launch, args, "first")
+    sd = StageDir.of(cfg.run_dir, "ppo")
+    full = json.loads(sd.manifest_path.read_text())
+    assert full["metrics"]["n_eval"] == 4
+    w_full = _artifact_weights(cfg)
+    # two processes: each step saw 2 x 4 prompts; all three backends give the same model
+    if launch != "ddp":
+        ref_cfg, ref_args = stage_setup(tmp_path / "ref")
+        _launch(tmp_path, "ddp", ref_args, "ref")
+        w_ref = _artifact_weights(ref_cfg)
+        for k in w_ref:
+            torch.testing.assert_close(w_full[k], w_ref[k], atol=1e-5, rtol=0)
+    # killed after step 2: resume finishes the same run
+    sd.manifest_path.unlink()
+    shutil.rmtree(sd.artifact)
+    shutil.rmtree(sd.checkpoints / "step_000003")
+    _launch(tmp_path, launch, args, "resume")
+    resumed = json.loads(sd.manifest_path.read_text())
+    assert [r["step"] for r in sd.read_metrics()] == [1, 2, 3, 3]
+    w_res = _artifact_weights(cfg)
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], atol=1e-6, rtol=0)
+    assert resumed["metrics"]["reward_mean"] == pytest.approx(full["metrics"]["reward_mean"], abs=1e-5)
+
+
+def test_bf16_reference_runs_without_gradients():
+    tr = make_trainer(reference_dtype="bfloat16")
+    assert next(tr.ref_model.parameters()).dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in tr.ref_model.parameters())
+    q, qm = left_pad(PROMPTS, PAD)
+    ro = tr.rollout(q, qm)
+    assert ro.ref_logprobs.dtype == torch.float32 and torch.isfinite(ro.ref_logprobs).all()
+    # the same weights in bf16: close to the policy's fp32 log-probs, not equal
+    assert (ro.ref_logprobs - ro.logprobs).abs().max() < 0.1
+
+
+def test_prompt_records_normalise_and_name_bad_fields(tmp_path):
+    import json
+
+    from pipeline.config import DatasetSpec, TasksConfig
+    from pipeline.data.prompts import load_prompts
+    from pipeline.data.records import BadRecord
+
+    good = [
+        {"prompt": "What is 2 + 2?", "task": "add", "answer": 4},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": "Spell cat."}]},
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good))
+    data = load_prompts(DatasetSpec(source=str(path), eval_fraction=0.0), TasksConfig(), 0)
+    assert [r["prompt"] for r in data.train] == ["What is 2 + 2?", "Hi", "Spell cat."]
+    assert data.train[0]["answer"] == "4" and data.train[1]["messages"] == [{"role": "user", "content": "Hi"}]
+    path.write_text(json.dumps(good[0]) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
+    with pytest.raises(BadRecord, match=r"p\.jsonl:2: .*'prompt' or 'messages'"):
+        load_prompts(DatasetSpec(source=str(path)), TasksConfig(), 0)
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": 5}]}) + "\n")
+    with pytest.raises(BadRecord, match=r"p\.jsonl:1: field 'messages\[0\]\.content'"):
+        load_prompts(DatasetSpec(source=str(path)), TasksConfig(), 0)
