@@ -1,0 +1,537 @@
+"""Generated instruction tasks whose answers a program can check: the embedded default data.
+
+When a stage's dataset ``source`` is ``default`` it trains on these sets, generated in memory and
+deterministically from ``data.tasks`` (:class:`~pipeline.config.TasksConfig`). Each record carries its
+ground truth (``task``, ``answer``), so :func:`check_answer` and :func:`score_answer` can verify a model
+by something other than the reward model.
+
+Task families (``data.tasks.kinds``), each with a few phrasings:
+
+=========  ======================================  ===========
+kind       prompt                                  answer
+=========  ======================================  ===========
+add        What is 23 + 45?                        68
+spell      Spell the word king.                    k i n g
+reverse    Reverse k i n g.                        g n i k
+count      How many letters are in k i n g?        4
+=========  ======================================  ===========
+
+Words are common words of Shakespeare's plays (``words.txt`` beside this module, at most
+``max_word_len`` letters); numbers are 0 to ``max_operand``. A share ``holdout_fraction`` of the words and of the unordered number pairs is held out:
+no training prompt (SFT, reward or PPO) uses them, so held-out accuracy measures generalisation.
+
+Sets (:class:`TaskSets`), sizes from the config, kinds balanced:
+
+- ``sft_train`` / ``sft_eval``: chat records (``messages``) on training / held-out items.
+- ``reward_train`` / ``reward_eval``: K-wise ranked responses (``responses``, ``ranking`` best first,
+  ``scores``): the correct answer, near misses (off-by-one digits, a letter swapped, dropped or doubled)
+  and malformed answers (empty, wrong format, rambling, repeated, an answer to another question), ranked
+  by :func:`score_answer`; every score in a record is distinct. :func:`to_pairs` gives the C(K, 2) pairs.
+- ``ppo_train`` / ``ppo_eval``: prompts. ``ppo_eval`` holds the same prompts as ``sft_eval`` (so SFT and
+  PPO report checker accuracy on one held-out set); ``ppo_train`` shares no prompt with ``sft_train`` or
+  ``sft_eval`` (prompts repeat only when a requested size exceeds the pool, with a warning).
+
+Every id contains :data:`GENERATOR_VERSION`, bumped on any change in generated output.
+
+Usage::
+
+    sets = generate_tasks(TasksConfig())
+    sets.sft_train[0]["messages"]      # [{"role": "user", ...}, {"role": "assistant", ...}]
+    check_answer(sets.sft_eval[0], "k i n g")
+    export_default_datasets(TasksConfig(), "data/tasks")   # the six sets as .jsonl, to inspect or replace
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from difflib import SequenceMatcher
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TasksConfig
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "KINDS",
+    "TaskSets",
+    "generate_tasks",
+    "check_answer",
+    "score_answer",
+    "answer_format",
+    "to_pairs",
+    "write_jsonl",
+    "export_default_datasets",
+    "load_words",
+]
+
+log = logging.getLogger(__name__)
+
+GENERATOR_VERSION = "1"
+"""Part of every record id; bump on any change in the generated output."""
+
+_NUMBER = re.compile(r"[+-]?\d+")
+_LETTERS = re.compile(r"[a-z]( [a-z])*")
+_EDGE_CHARS = " \t\r\n\"'`.!?,;:"
+# Scores: correct 1.0; well-formed but wrong in [0.5, 0.9); malformed in [0, 0.4).
+_WRONG_BASE, _WRONG_SPAN, _MALFORMED_SPAN = 0.5, 0.4, 0.4
+_FILLER = ("and", "so", "my", "good", "lord", "i", "think", "it", "is", "perhaps", "or", "thou", "art")
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class _Family:
+    templates: tuple[str, ...]
+    """Prompt phrasings; fields {w} (word) or {a}, {b} (numbers)."""
+    items: str
+    """'words' or 'pairs'."""
+    answer: Callable[[tuple[Any, ...]], str]
+
+
+def _spaced(letters: Iterable[str]) -> str:
+    return " ".join(letters)
+
+
+FAMILIES: dict[str, _Family] = {
+    # Numbers are single digits in a Shakespeare BPE, so the model sees every digit of the operands.
+    "add": _Family(("What is {a} + {b}?", "Add {a} and {b}.", "{a} + {b} ="), "pairs", lambda it: str(it[0] + it[1])),
+    # The word is one to three BPE pieces: spelling it needs what each piece is made of.
+    "spell": _Family(
+        ("Spell the word {w}.", "Spell {w} letter by letter.", "How do you spell {w}?"),
+        "words",
+        lambda it: _spaced(it[0]),
+    ),
+    # The letters are given spaced (one token each), so reversing and counting generalise to unseen words.
+    "reverse": _Family(
+        ("Reverse {s}.", "Reverse the letters {s}.", "Write {s} backwards."),
+        "words",
+        lambda it: _spaced(reversed(it[0])),
+    ),
+    "count": _Family(
+        ("How many letters are in {s}?", "Count the letters in {s}.", "How many letters does {s} have?"),
+        "words",
+        lambda it: str(len(it[0])),
+    ),
+}
+KINDS: tuple[str, ...] = tuple(FAMILIES)
+
+
+@lru_cache(maxsize=1)
+def load_words() -> tuple[str, ...]:
+    """The embedded word list (``words.txt``): sorted, lowercase, alphabetic, 3 to 8 letters.
+
+    Raises:
+        ValueError: a line of ``words.txt`` that is not such a word (names the line).
+    """
+    text = resources.files("pipeline.data").joinpath("words.txt").read_text(encoding="utf-8")
+    words = []
+    for i, line in enumerate(text.splitlines(), 1):
+        w = line.strip()
+        if not w or w.startswith("#"):
+            continue
+        if not (w.isascii() and w.isalpha() and w.islower() and 3 <= len(w) <= 8):
+            raise ValueError(f"pipeline/data/words.txt:{i}: {w!r} is not a lowercase word of 3-8 letters")
+        words.append(w)
+    return tuple(sorted(set(words)))
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _normalise(text: Any) -> str:
+    """Lowercase, collapse whitespace, strip surrounding quotes and trailing punctuation."""
+    return " ".join(str(text).lower().split()).strip(_EDGE_CHARS)
+
+
+def answer_format(answer: Any) -> str:
+    """How an answer is compared: ``number`` (an integer), ``letters`` (single letters spaced) or ``text``.
+
+    >>> answer_format("68"), answer_format("k i n g"), answer_format("to be")
+    ('number', 'letters', 'text')
+    """
+    a = _normalise(answer)
+    if _NUMBER.fullmatch(a):
+        return "number"
+    if _LETTERS.fullmatch(a):
+        return "letters"
+    return "text"
+
+
+def _truth(record: dict[str, Any]) -> str:
+    if record.get("answer") is None or not record.get("task"):
+        where = f" (id {record['id']})" if "id" in record else ""
+        raise ValueError(f"record{where} has no 'task'/'answer' fields, so it has no checker")
+    return _normalise(record["answer"])
+
+
+def check_answer(record: dict[str, Any], response: str) -> bool:
+    """Whether ``response`` is the record's answer, ignoring case, extra whitespace and end punctuation.
+
+    Numbers compare by value (``"068"`` is 68); letter answers need their letters spaced (``k i n g``).
+
+    Raises:
+        ValueError: the record has no ``task``/``answer`` (no checker).
+    """
+    return score_answer(record, response) == 1.0
+
+
+def score_answer(record: dict[str, Any], response: str) -> float:
+    """Partial credit in [0, 1]: 1.0 correct; [0.5, 0.9) well-formed but wrong; [0, 0.4) malformed.
+
+    Well-formed wrong answers earn more the closer they are: ``0.5 + 0.4 / (1 + |error|)`` for numbers,
+    ``0.5 + 0.4 * similarity`` of the letter sequences otherwise. A malformed response (empty, wrong
+    format, rambling) earns ``0.4 * similarity`` of its text to the answer. Any near miss therefore
+    outranks any malformed response.
+
+    Raises:
+        ValueError: the record has no ``task``/``answer`` (no checker).
+    """
+    want, got = _truth(record), _normalise(response)
+    fmt = answer_format(want)
+    if fmt == "number" and _NUMBER.fullmatch(got):
+        error = abs(int(got) - int(want))
+        return 1.0 if error == 0 else _WRONG_BASE + _WRONG_SPAN / (1 + error)
+    if fmt == "letters" and _LETTERS.fullmatch(got):
+        if got == want:
+            return 1.0
+        return _WRONG_BASE + _WRONG_SPAN * SequenceMatcher(None, got.split(), want.split(), autojunk=False).ratio()
+    if got == want:  # text answers
+        return 1.0
+    span = _WRONG_BASE + _WRONG_SPAN if fmt == "text" else _MALFORMED_SPAN
+    return span * SequenceMatcher(None, got, want, autojunk=False).ratio()
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+def _near_misses(kind: str, answer: str, rng: random.Random) -> list[str]:
+    """Well-formed wrong answers close to ``answer``: off by a little, one letter wrong."""
+    out: list[str] = []
+    if answer_format(answer) == "number":
+        n = int(answer)
+        out += [str(n + d) for d in (1, -1, 2, -2, 10, -10, 3, -3) if n + d >= 0]
+        if len(answer) > 1:
+            out.append(str(int(answer[::-1])))  # digits swapped
+        out.append(answer + answer[-1])  # a digit doubled
+    else:
+        letters = answer.split()
+        i = rng.randrange(len(letters))
+        j = i + 1 if i + 1 < len(letters) else i - 1
+        swapped = list(letters)
+        swapped[i], swapped[j] = swapped[j], swapped[i]
+        replaced = list(letters)
+        replaced[i] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != letters[i]])
+        out += [
+            _spaced(swapped),
+            _spaced(letters[:i] + letters[i + 1 :]),
+            _spaced(letters[: i + 1] + letters[i:]),
+            _spaced(replaced),
+        ]
+        if kind in ("reverse", "spell"):
+            out.append(_spaced(reversed(letters)))  # the other direction
+    rng.shuffle(out)
+    return [o for o in out if o != answer and answer_format(o) == answer_format(answer)]
+
+
+def _malformed(answer: str, rng: random.Random, words: tuple[str, ...]) -> list[str]:
+    """Responses in the wrong form: empty, rambling, repeated, unspaced, another question's answer."""
+    number = answer_format(answer) == "number"
+    filler = " ".join(rng.sample(_FILLER, 4))
+    other = str(rng.randrange(2, 199)) if not number else _spaced(rng.choice(words))
+    out = [
+        "",
+        f"{answer}, {answer}, {answer}",
+        f"{answer} {filler}",
+        f"I think it is {answer}, my lord.",
+        f"The answer is {answer}.",
+        f"Answer: {answer}",
+        " ".join(rng.sample(words, 3)),
+        other,
+        f"{filler} {other}",
+        answer.replace(" ", "") if not number else " ".join(answer),
+        answer.replace(" ", "-"),
+    ]
+    rng.shuffle(out)
+    return [o for o in out if o != answer]
+
+
+def _ranked_candidates(
+    record: dict[str, Any], k: int, rng: random.Random, words: tuple[str, ...]
+) -> tuple[list[str], list[float]]:
+    """K distinct responses with distinct scores: the answer, near misses, then malformed ones."""
+    answer = record["answer"]
+    n_near = (1 if rng.random() < 0.5 else 0) if k == 2 else (1 if k == 3 else 2)
+    chosen: dict[str, float] = {answer: 1.0}
+    near, bad = _near_misses(record["task"], answer, rng), _malformed(answer, rng, words)
+    # near misses up to their quota, then malformed ones, then more near misses if still short of k
+    for pool, quota in ((near, n_near), (bad, k), (near, k)):
+        taken = 0
+        for text in pool:
+            score = round(score_answer(record, text), 4)
+            if len(chosen) == k or taken == quota:
+                break
+            if text not in chosen and score not in chosen.values():
+                chosen[text] = score
+                taken += 1
+    if len(chosen) < k:
+        raise ValueError(f"{record['id']}: found only {len(chosen)} distinct candidates for responses_per_prompt={k}")
+    texts = list(chosen)
+    rng.shuffle(texts)
+    return texts, [chosen[t] for t in texts]
+
+
+def to_pairs(record: dict[str, Any], margin: bool = False) -> list[dict[str, Any]]:
+    """Expand a K-wise ranked record into its preference pairs (chosen ranked above rejected).
+
+    Gives all C(K, 2) pairs, best-first order; a pair whose two scores are equal is left out.
+
+    Args:
+        record: ``prompt``, ``responses``, ``ranking`` (indices, best first) and optional ``scores``.
+        margin: also give ``margin`` = score(chosen) - score(rejected) (TRL's reward loss uses a
+            ``margin`` column whenever present, so it is opt-in).
+
+    Raises:
+        ValueError: ``ranking`` is not a permutation of the response indices.
+
+    >>> rec = {"prompt": "What is 2 + 2?", "responses": ["5", "4", ""], "ranking": [1, 0, 2]}
+    >>> [(p["chosen"], p["rejected"]) for p in to_pairs(rec)]
+    [('4', '5'), ('4', ''), ('5', '')]
+    """
+    responses, ranking = record["responses"], record["ranking"]
+    if sorted(ranking) != list(range(len(responses))):
+        raise ValueError(
+            f"record {record.get('id', '')!r}: 'ranking' {ranking} is not a permutation of 0..{len(responses) - 1}"
+        )
+    scores = record.get("scores")
+    pairs = []
+    for a, i in enumerate(ranking):
+        for j in ranking[a + 1 :]:
+            if scores is not None and scores[i] == scores[j]:
+                continue
+            pair = {"prompt": record["prompt"], "chosen": responses[i], "rejected": responses[j]}
+            if margin and scores is not None:
+                pair["margin"] = float(scores[i]) - float(scores[j])
+            pairs.append(pair)
+    return pairs
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    kind: str
+    item: tuple[Any, ...]
+    """(word,) or (a, b) in prompt order."""
+    template: int
+    cycle: int = 0
+    """How many times the pool was wrapped to reach this prompt (0: first use)."""
+
+    @property
+    def text(self) -> str:
+        fam = FAMILIES[self.kind]
+        fields_ = (
+            {"w": self.item[0], "s": _spaced(self.item[0])}
+            if fam.items == "words"
+            else {"a": self.item[0], "b": self.item[1]}
+        )
+        return fam.templates[self.template].format(**fields_)
+
+    @property
+    def answer(self) -> str:
+        return FAMILIES[self.kind].answer(self.item)
+
+    @property
+    def id(self) -> str:
+        key = "+".join(map(str, self.item))
+        return f"tasks-v{GENERATOR_VERSION}-{self.kind}-{key}-p{self.template}" + (
+            f"-c{self.cycle}" if self.cycle else ""
+        )
+
+
+@dataclass
+class TaskSets:
+    """The six generated sets (lists of JSON-ready records, see the module docstring)."""
+
+    sft_train: list[dict[str, Any]]
+    sft_eval: list[dict[str, Any]]
+    reward_train: list[dict[str, Any]]
+    reward_eval: list[dict[str, Any]]
+    ppo_train: list[dict[str, Any]]
+    ppo_eval: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, list[dict[str, Any]]]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _rng(cfg: TasksConfig, purpose: str) -> random.Random:
+    # str seeds hash with SHA-512 inside `random`: stable across processes and PYTHONHASHSEED.
+    return random.Random(f"tasks-v{GENERATOR_VERSION}:{cfg.seed}:{purpose}")
+
+
+def _split_items(cfg: TasksConfig) -> dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
+    """(train items, held-out items) for words and for unordered number pairs."""
+    words = [(w,) for w in load_words() if len(w) <= cfg.max_word_len]
+    pairs = [(a, b) for a in range(cfg.max_operand + 1) for b in range(a, cfg.max_operand + 1)]
+    out = {}
+    for name, items in (("words", words), ("pairs", pairs)):
+        _rng(cfg, f"split-{name}").shuffle(items)
+        n_held = min(len(items) - 1, max(1, round(len(items) * cfg.holdout_fraction)))  # both sides non-empty
+        out[name] = (items[n_held:], items[:n_held])
+    return out
+
+
+def _variants(kind: str, item: tuple[Any, ...]) -> list[_Prompt]:
+    fam = FAMILIES[kind]
+    orders = [item] if fam.items == "words" or item[0] == item[1] else [item, item[::-1]]
+    return [_Prompt(kind, o, t) for o in orders for t in range(len(fam.templates))]
+
+
+def _pool(kind: str, items: list[tuple[Any, ...]], rng: random.Random) -> list[_Prompt]:
+    """Every prompt of ``items``, in rounds: each item's first variant comes before any item's second,
+    so a prefix of the pool covers as many distinct items as it can."""
+    per_item = [_variants(kind, it) for it in items]
+    for v in per_item:
+        rng.shuffle(v)
+    pool: list[_Prompt] = []
+    for r in range(max(len(v) for v in per_item)):
+        order = list(range(len(per_item)))
+        rng.shuffle(order)
+        pool += [per_item[i][r] for i in order if r < len(per_item[i])]
+    return pool
+
+
+def _per_kind(n: int, kinds: tuple[str, ...]) -> dict[str, int]:
+    return {k: n // len(kinds) + (i < n % len(kinds)) for i, k in enumerate(kinds)}
+
+
+def _take(pool: list[_Prompt], start: int, n: int, what: str) -> list[_Prompt]:
+    """``pool[start:start + n]``, wrapping around (repeated prompts, a warning) past its end."""
+    if start + n > len(pool):
+        left = max(0, len(pool) - start)
+        log.warning("%s: %d records requested, %d unused prompts left in the pool; prompts repeat", what, n, left)
+    return [
+        _Prompt(p.kind, p.item, p.template, i // len(pool)) if i >= len(pool) else p
+        for i in range(start, start + n)
+        for p in (pool[i % len(pool)],)
+    ]
+
+
+def _ordered(prompts: list[_Prompt], cfg: TasksConfig, group: str) -> list[_Prompt]:
+    # A hash order, not a shuffle: sets of one group (sft_eval, ppo_eval) list shared prompts in one order.
+    def key(p: _Prompt) -> str:
+        return hashlib.sha256(f"{cfg.seed}:{group}:{p.id}".encode()).hexdigest()
+
+    return sorted(prompts, key=key)
+
+
+def _check_kinds(cfg: TasksConfig) -> None:
+    unknown = [k for k in cfg.kinds if k not in FAMILIES]
+    if unknown:
+        raise ValueError(f"data.tasks.kinds: unknown task kind(s) {unknown}; valid kinds: {', '.join(KINDS)}")
+
+
+def _allocate(cfg: TasksConfig) -> dict[str, list[_Prompt]]:
+    """Split each kind's prompt pools into the six sets (prompts only)."""
+    _check_kinds(cfg)
+    items = _split_items(cfg)
+    sets: dict[str, list[_Prompt]] = {
+        k: [] for k in ("sft_train", "sft_eval", "reward_train", "reward_eval", "ppo_train", "ppo_eval")
+    }
+    sizes = {name: _per_kind(getattr(cfg, f"n_{name}"), cfg.kinds) for name in sets}
+    for kind in cfg.kinds:
+        train_items, held_items = items[FAMILIES[kind].items]
+        train = _pool(kind, train_items, _rng(cfg, f"pool-train-{kind}"))
+        held = _pool(kind, held_items, _rng(cfg, f"pool-held-{kind}"))
+        s = {name: sz[kind] for name, sz in sizes.items()}
+        for name in ("sft_eval", "ppo_eval"):
+            if s[name] > len(held):
+                raise ValueError(
+                    f"data.tasks.n_{name}: {kind} has only {len(held)} held-out prompts for {s[name]} records; "
+                    "lower it or raise data.tasks.holdout_fraction"
+                )
+        sets["sft_eval"] += held[: s["sft_eval"]]
+        sets["ppo_eval"] += held[: s["ppo_eval"]]  # the same prompts as sft_eval
+        sets["reward_eval"] += _take(held, s["sft_eval"], s["reward_eval"], f"reward_eval/{kind}")
+        sets["sft_train"] += _take(train, 0, s["sft_train"], f"sft_train/{kind}")
+        sets["ppo_train"] += _take(train, s["sft_train"], s["ppo_train"], f"ppo_train/{kind}")
+        sets["reward_train"] += _take(train, s["sft_train"] + s["ppo_train"], s["reward_train"], f"reward_train/{kind}")
+    return {name: _ordered(ps, cfg, "eval" if name in ("sft_eval", "ppo_eval") else name) for name, ps in sets.items()}
+
+
+def _sft_record(p: _Prompt) -> dict[str, Any]:
+    messages = [{"role": "user", "content": p.text}, {"role": "assistant", "content": p.answer}]
+    return {"messages": messages, "task": p.kind, "answer": p.answer, "id": p.id}
+
+
+def _ppo_record(p: _Prompt) -> dict[str, Any]:
+    return {"prompt": p.text, "task": p.kind, "answer": p.answer, "id": p.id}
+
+
+def _reward_record(p: _Prompt, k: int, rng: random.Random) -> dict[str, Any]:
+    rec = {"prompt": p.text, "task": p.kind, "answer": p.answer, "id": p.id}
+    responses, scores = _ranked_candidates(rec, k, rng, load_words())
+    ranking = sorted(range(k), key=lambda i: (-scores[i], i))
+    return {"prompt": p.text, "responses": responses, "ranking": ranking, "scores": scores, **rec}
+
+
+def generate_tasks(cfg: TasksConfig) -> TaskSets:
+    """Generate the six default sets, deterministically from ``cfg`` (same config, same records).
+
+    Raises:
+        ValueError: an unknown kind in ``data.tasks.kinds``, or more held-out records requested than
+            held-out prompts exist (the message names the config key).
+    """
+    prompts = _allocate(cfg)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, ps in prompts.items():
+        if name.startswith("sft"):
+            out[name] = [_sft_record(p) for p in ps]
+        elif name.startswith("ppo"):
+            out[name] = [_ppo_record(p) for p in ps]
+        else:
+            rng = _rng(cfg, f"candidates-{name}")
+            out[name] = [_reward_record(p, cfg.responses_per_prompt, rng) for p in ps]
+    log.info("generated tasks v%s: %s", GENERATOR_VERSION, {k: len(v) for k, v in out.items()})
+    return TaskSets(**out)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_jsonl(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
+    """Write records as JSON lines, atomically (a temporary file renamed into place).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def export_default_datasets(cfg: TasksConfig, out_dir: str | Path) -> dict[str, Path]:
+    """Write the six generated sets as ``<out_dir>/<set>.jsonl`` (e.g. ``sft_train.jsonl``).
+
+    The files are ordinary datasets: point a stage's ``dataset.source`` at one to train on an edited copy.
+
+    Returns:
+        Set name -> path written.
+    """
+    sets = generate_tasks(cfg)
+    return {name: write_jsonl(recs, Path(out_dir) / f"{name}.jsonl") for name, recs in sets.as_dict().items()}
