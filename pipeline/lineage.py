@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .config import RunConfig, fingerprint
 
-__all__ = ["stage_inputs", "stage_fingerprint", "all_fingerprints", "UPSTREAM"]
+__all__ = ["stage_inputs", "stage_sections", "stage_fingerprint", "all_fingerprints", "UPSTREAM"]
 
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "tokenizer": (),
@@ -41,7 +41,7 @@ def stage_inputs(cfg: RunConfig, stage: str) -> tuple[str, ...]:
     return UPSTREAM[stage]
 
 
-def _sections(cfg: RunConfig, stage: str) -> tuple:
+def stage_sections(cfg: RunConfig, stage: str) -> tuple:
     seed = cfg.run.seed
     if stage == "tokenizer":
         return (seed, cfg.tokenizer, cfg.data.corpus)
@@ -62,7 +62,7 @@ def _sections(cfg: RunConfig, stage: str) -> tuple:
 def all_fingerprints(cfg: RunConfig) -> dict[str, str]:
     fps: dict[str, str] = {}
     for stage in UPSTREAM:
-        fps[stage] = fingerprint(*_sections(cfg, stage), *[fps[u] for u in stage_inputs(cfg, stage)])
+        fps[stage] = fingerprint(*stage_sections(cfg, stage), *[fps[u] for u in stage_inputs(cfg, stage)])
     return fps
 
 

@@ -1,0 +1,185 @@
+"""The run report: runs/<run>/report.md with PNG plots, from the stages' metrics.jsonl and manifests.
+
+    python -m pipeline report --config configs/tiny.yaml      (make report)
+
+Plots (runs/<run>/report/*.png): pretrain train/val loss; SFT loss and held-out answer accuracy; reward-model
+accuracy and the held-out reward distributions of chosen vs rejected responses (``eval_rewards`` in the
+reward manifest); PPO reward, KL, entropy and response length. Tables: each stage's state, wall time,
+throughput and key metrics, and greedy answers of the pretrain, SFT and PPO models to the same held-out
+prompts (generated here, so the three columns are comparable; ``samples=False`` skips loading models).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig
+from .orchestrate import KEY_METRICS, format_value, run_status
+from .runs import STAGES, StageDir
+
+__all__ = ["PLOTS", "write_report", "plot_stage", "sample_answers"]
+
+log = logging.getLogger(__name__)
+
+PLOTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "pretrain": [("loss", ("train/loss", "val/loss"))],
+    "sft": [("loss", ("train/loss", "val/loss")), ("held-out answer accuracy", ("sft/checker_accuracy",))],
+    "reward": [("loss", ("train/loss", "val/loss")), ("pair accuracy", ("train/accuracy", "rm/accuracy"))],
+    "ppo": [
+        ("reward", ("ppo/reward", "eval/reward_mean", "eval/sft_reward_mean")),
+        ("KL to reference", ("ppo/kl", "eval/kl")),
+        ("entropy", ("ppo/entropy",)),
+        ("response length", ("ppo/response_length",)),
+    ],
+}
+"""Stage -> panels (title, metrics.jsonl keys drawn on it)."""
+_THROUGHPUT = ("tokens_per_s", "rollout_tokens_per_s", "prompts_per_s", "samples_per_s")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_stage(stage: str, records: list[dict[str, Any]], path: Path, manifest: dict[str, Any] | None = None) -> bool:
+    """Draw ``stage``'s panels from its metrics.jsonl records into ``path``; False when there is nothing to draw."""
+    panels = [(t, [(k, [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]) for k in keys])
+              for t, keys in PLOTS.get(stage, [])]  # fmt: skip
+    panels = [(t, [(k, pts) for k, pts in series if pts]) for t, series in panels]
+    panels = [p for p in panels if p[1]]
+    rewards = (manifest or {}).get("eval_rewards") or {}
+    has_hist = stage == "reward" and rewards.get("chosen") and rewards.get("rejected")
+    n = len(panels) + bool(has_hist)
+    if n == 0:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for key, pts in series:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(pts) < 12 else None, ms=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    if has_hist:
+        ax = axes[0][-1]
+        ax.hist(rewards["chosen"], bins=30, alpha=0.6, label="chosen (better)")
+        ax.hist(rewards["rejected"], bins=30, alpha=0.6, label="rejected (worse)")
+        ax.set_title("held-out rewards")
+        ax.set_xlabel("reward")
+        ax.legend(fontsize=7)
+    fig.suptitle(stage)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True
+
+
+def _held_out_prompts(cfg: RunConfig, manifests: dict[str, dict[str, Any]], n: int) -> list[str]:
+    for stage in ("ppo", "sft"):
+        prompts = [
+            s["prompt"] for s in manifests.get(stage, {}).get("samples", []) if isinstance(s, dict) and s.get("prompt")
+        ]
+        if prompts:
+            return prompts[:n]
+    from .data.tasks import generate_tasks
+
+    return [r["prompt"] for r in generate_tasks(cfg.data.tasks).ppo_eval[:n]]
+
+
+def sample_answers(
+    cfg: RunConfig, manifests: dict[str, dict[str, Any]], n: int = 5, max_new_tokens: int = 48
+) -> dict[str, Any]:
+    """Greedy answers of each done model stage (pretrain, sft, ppo) to the same ``n`` held-out prompts.
+
+    Returns:
+        ``{"prompts": [...], "answers": {stage: [...]}}``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluate import generate_responses
+
+    prompts = _held_out_prompts(cfg, manifests, n)
+    answers = {}
+    for stage in ("pretrain", "sft", "ppo"):
+        d = StageDir.of(cfg.run_dir, stage).artifact
+        if stage not in manifests or not d.is_dir():
+            continue
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(d)
+        answers[stage] = generate_responses(model, tok, prompts, max_new_tokens=max_new_tokens, do_sample=False)
+    return {"prompts": prompts, "answers": answers}
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ⏎ ")[:160]
+
+
+def _throughput(manifest: dict[str, Any]) -> str:
+    m = manifest.get("metrics", {})
+    found = [
+        f"{format_value(m[k])} {k.removesuffix('_per_s').replace('_', ' ')}/s"
+        for k in _THROUGHPUT
+        if isinstance(m.get(k), (int, float))
+    ]
+    if found:
+        return ", ".join(found)
+    steps, wall = m.get("steps"), manifest.get("wall_time_s")
+    return f"{steps / wall:.3g} steps/s" if isinstance(steps, (int, float)) and wall else "-"
+
+
+def write_report(cfg: RunConfig, samples: bool = True, n_samples: int = 5) -> Path:
+    """Write runs/<run>/report.md and its plots; returns the report's path."""
+    run_dir = cfg.run_dir
+    manifests = {s: m for s in STAGES if (m := StageDir.of(run_dir, s).manifest()) is not None}
+    lines = [f"# Run report: {cfg.run.name}", "", f"Run folder `{run_dir}`.", "", "## Stages", ""]
+    lines += ["| stage | state | wall time | throughput | key metrics |", "|---|---|---|---|---|"]
+    total = 0.0
+    for st in run_status(cfg):
+        m = manifests.get(st.stage, {})
+        wall = m.get("wall_time_s")
+        total += wall or 0.0
+        keys = KEY_METRICS.get(st.stage, ())
+        metrics = ", ".join(f"{k}={format_value(m['metrics'][k])}" for k in keys if k in m.get("metrics", {})) or "-"
+        state = st.state + (f" (step {st.step} of {st.max_steps or '?'})" if st.state == "partial" else "")
+        lines.append(
+            f"| {st.stage} | {state} | {f'{wall:.1f} s' if wall else '-'} | {_throughput(m) if m else '-'} | {metrics} |"
+        )
+    lines += ["", f"Total wall time of done stages: {total:.1f} s.", ""]
+
+    plots = run_dir / "report"
+    lines += ["## Curves", ""]
+    for stage in PLOTS:
+        records = StageDir.of(run_dir, stage).read_metrics()
+        if plot_stage(stage, records, plots / f"{stage}.png", manifests.get(stage)):
+            lines += [f"### {stage}", "", f"![{stage}](report/{stage}.png)", ""]
+
+    if samples and any(s in manifests for s in ("pretrain", "sft", "ppo")):
+        got = sample_answers(cfg, manifests, n_samples)
+        stages = list(got["answers"])
+        lines += ["## Sample answers (greedy, held-out prompts)", ""]
+        lines += ["| prompt | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
+        for i, p in enumerate(got["prompts"]):
+            lines.append(f"| {_cell(p)} | " + " | ".join(_cell(got["answers"][s][i]) for s in stages) + " |")
+        lines.append("")
+    if "export" in manifests:
+        exp = manifests["export"]
+        checks = ", ".join(
+            f"transformers {c.get('transformers')}: {'ok' if c.get('ok') else 'FAILED'}"
+            for c in exp.get("verification", [])
+        )
+        lines += ["## Export", "", f"`{exp.get('artifact')}` ({checks}; max |logit diff| "
+                  f"{format_value(exp['metrics'].get('max_abs_logit_diff'))}).", ""]  # fmt: skip
+    path = run_dir / "report.md"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    log.info("report: %s", path)
+    return path

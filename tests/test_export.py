@@ -1,0 +1,246 @@
+"""Export stage: HF directory contents, portability (fresh process, transformers 4.x), errors, determinism.
+
+Upstream stages are fakes (tests/fake_stages/artifacts.py): a tiny BPE tokenizer with the contract's chat
+template and tiny GPT-2 models written as done stages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.config import load_config
+from pipeline.export import export_model, publish, verify_export
+from pipeline.runs import StageDir
+from stages.export import main as export_main
+from tests.fake_stages.artifacts import make_fake_run
+from tests.fake_stages.disk import small_disk  # noqa: F401 (fixture)
+
+TF4_PYTHON = Path("/work/tf4venv/bin/python")
+
+
+def _export(root: Path, *overrides: str) -> tuple[int, StageDir]:
+    rc = export_main([f"run.root={root}", *overrides])
+    return rc, StageDir.of(root / "tiny", "export")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """One fake run exported once (each export proves itself in a fresh process, which takes seconds)."""
+    root = tmp_path_factory.mktemp("export")
+    make_fake_run(root)
+    rc, _ = _export(root, "export.license=apache-2.0")
+    assert rc == 0
+    return root
+
+
+def test_export_is_a_complete_portable_hf_directory(exported):
+    sd = StageDir.of(exported / "tiny", "export")
+    out = sd.artifact
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "README.md"} <= names  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    gen = json.loads((out / "generation_config.json").read_text())
+    tok_conf = json.loads((out / "tokenizer_config.json").read_text())
+    # the model's real limits and stop tokens
+    assert tok.model_max_length == config["n_positions"] == 64
+    assert gen["eos_token_id"] == [tok.convert_tokens_to_ids("<|end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    assert gen["pad_token_id"] == tok.pad_token_id == tok.convert_tokens_to_ids("<|pad|>")
+    assert (gen["do_sample"], gen["temperature"], gen["max_new_tokens"]) == (True, 1.0, 32)  # ppo's rollout settings
+    # written for transformers 4.x and 5.x alike
+    assert tok_conf["tokenizer_class"] == "PreTrainedTokenizerFast" and "extra_special_tokens" not in tok_conf
+    assert tok_conf["additional_special_tokens"] == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == (
+        "<|user|>hi<|end|><|assistant|>"
+    )
+    # exported weights equal the ppo policy's
+    src = AutoModelForCausalLM.from_pretrained(exported / "tiny/ppo/artifact")
+    exp = AutoModelForCausalLM.from_pretrained(out)
+    for (name, a), (_, b) in zip(src.state_dict().items(), exp.state_dict().items()):
+        assert torch.equal(a, b), name
+    manifest = sd.manifest()
+    assert manifest["metrics"]["max_abs_logit_diff"] <= 1e-5
+    check = manifest["verification"][0]
+    assert check["ok"] and check["model_max_length"] == 64 and check["pipeline_reply"]["role"] == "assistant"
+    assert check["python"] and check["transformers"].startswith("5.")
+
+
+def test_model_card_metadata(exported):
+    text = (exported / "tiny/export/artifact/README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["license"] == "apache-2.0" and meta["pipeline_tag"] == "text-generation"
+    assert any("shakespeare" in d for d in meta["datasets"]) and any("generated tasks" in d for d in meta["datasets"])
+    assert [x["stage"] for x in meta["lineage"]] == ["tokenizer", "pretrain", "sft", "reward", "ppo"]
+    fps = {s: StageDir.of(exported / "tiny", s).manifest()["fingerprint"] for s in ("tokenizer", "ppo")}
+    assert meta["lineage"][0]["fingerprint"] == fps["tokenizer"] and meta["lineage"][-1]["fingerprint"] == fps["ppo"]
+    assert meta["lineage"][1]["metrics"] == {"train_loss": 2.5, "val_loss": 2.6, "tokens": 1000}  # no tokens_per_s
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    assert {"type": "checker_accuracy", "value": 0.6} in metrics
+
+
+def test_export_is_deterministic(exported, tmp_path):
+    cfg = load_config(None, [f"run.root={exported}", "export.license=apache-2.0"])
+    manifests = {s: StageDir.of(cfg.run_dir, s).manifest() for s in ("tokenizer", "pretrain", "sft", "reward", "ppo")}
+    export_model(cfg, tmp_path / "again", manifests)
+    a = exported / "tiny/export/artifact"
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in (tmp_path / "again").iterdir())
+    for f in sorted(a.iterdir()):
+        assert f.read_bytes() == (tmp_path / "again" / f.name).read_bytes(), f.name
+
+
+def test_verification_catches_a_different_model(exported):
+    other = AutoModelForCausalLM.from_pretrained(exported / "tiny/sft/artifact")
+    res = verify_export(exported / "tiny/export/artifact", other)
+    assert not res["ok"] and "logits differ" in res["problems"][0] and res["max_abs_logit_diff"] > 1e-3
+
+
+def test_bf16_sharded_export_reloads_equal(tmp_path):
+    make_fake_run(tmp_path)
+    rc, sd = _export(tmp_path, "export.dtype=bfloat16", "export.max_shard_size=40KB", f"export.dir={tmp_path / 'copy'}")
+    assert rc == 0
+    shards = sorted(p.name for p in sd.artifact.glob("*.safetensors"))
+    assert len(shards) > 1 and (sd.artifact / "model.safetensors.index.json").exists()
+    assert json.loads((sd.artifact / "config.json").read_text())["dtype"] == "bfloat16"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "copy")  # the EXPORT_DIR copy
+    assert model.dtype == torch.bfloat16
+    src = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny/ppo/artifact").to(torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), model.state_dict().values()))
+    assert sd.manifest()["metrics"]["max_abs_logit_diff"] <= 1e-5
+    assert not publish(sd.artifact, tmp_path / "copy")  # identical copy already there: nothing to do
+
+
+def test_truncated_source_weights_are_named_and_nothing_is_lost(tmp_path, capsys):
+    make_fake_run(tmp_path)
+    weights = tmp_path / "tiny/ppo/artifact/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    rc, sd = _export(tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.safetensors: truncated" in err and "FORCE=1" in err
+    assert sd.manifest() is None and not sd.artifact.exists()
+    assert all(StageDir.of(tmp_path / "tiny", s).manifest() for s in ("tokenizer", "pretrain", "sft", "reward", "ppo"))
+
+
+def test_missing_source_stage(tmp_path, capsys):
+    make_fake_run(tmp_path, stages=("tokenizer", "pretrain", "sft", "reward"))
+    rc, _ = _export(tmp_path)
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs the 'ppo' stage's artifact" in err and "make ppo" in err
+
+
+def test_full_disk_during_export_is_a_clear_error(small_disk, tmp_path, capsys):  # noqa: F811 (fixture)
+    make_fake_run(small_disk)
+    free = os.statvfs(small_disk)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (free.f_bavail * free.f_frsize - 60_000))  # the weights need ~150 kB
+    rc, sd = _export(small_disk)
+    err = capsys.readouterr().err
+    assert rc == 2 and "No space left on device" in err and "Nothing earlier was changed" in err
+    assert not sd.artifact.exists() and not sd.artifact.with_name("artifact.tmp").exists()
+    assert StageDir.of(small_disk / "tiny", "ppo").manifest() is not None
+    filler.unlink()
+    assert _export(small_disk)[0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not TF4_PYTHON.exists(), reason="needs /work/tf4venv (python3 -m venv ... && pip install 'transformers<5')"
+)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_loads_in_transformers_4(tmp_path, dtype):
+    make_fake_run(tmp_path)
+    rc, sd = _export(
+        tmp_path, f"export.dtype={dtype}", "export.max_shard_size=40KB", f"export.verify_with={TF4_PYTHON}"
+    )
+    assert rc == 0
+    checks = {c["transformers"].split(".")[0]: c for c in sd.manifest()["verification"]}
+    assert set(checks) == {"4", "5"}
+    tf4 = checks["4"]
+    assert tf4["ok"] and tf4["max_abs_logit_diff"] <= 1e-5 and tf4["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tf4["model_max_length"] == tf4["n_positions"] == 64 and tf4["dtype"] == dtype
+    assert tf4["eos_token_id"] == checks["5"]["eos_token_id"] and tf4["pipeline_reply"] == checks["5"]["pipeline_reply"]
+
+
+_ZERO3_CHECKPOINT = """
+import os, sys, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+import deepspeed
+from transformers import GPT2Config, GPT2LMHeadModel
+out = sys.argv[1]
+deepspeed.init_distributed(dist_backend="gloo")
+torch.manual_seed(0)
+m = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=320, eos_token_id=0, bos_token_id=0))
+m.save_pretrained(out + "/reference")
+cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "zero_allow_untested_optimizer": True}
+engine, *_ = deepspeed.initialize(model=m, optimizer=torch.optim.AdamW(m.parameters()), config=cfg)
+engine.save_checkpoint(out + "/zero")  # parameters partitioned: no plain weight file
+m.config.save_pretrained(out + "/zero")
+"""
+
+
+@pytest.mark.slow
+def test_zero3_checkpoint_is_consolidated(tmp_path):
+    pytest.importorskip("deepspeed")
+    from pipeline.export import load_source_model
+
+    res = subprocess.run([sys.executable, "-c", _ZERO3_CHECKPOINT, str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "zero/latest").exists() and not list((tmp_path / "zero").glob("*.safetensors"))
+    model = load_source_model(tmp_path / "zero")
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
+
+
+def test_chat_streams_the_greedy_answer_through_the_chat_template(exported):
+    import io
+
+    from pipeline.chat import ChatSettings, chat_loop, resolve_model_dir
+
+    cfg = load_config(None, [f"run.root={exported}"])
+    model_dir = resolve_model_dir(cfg)
+    assert model_dir == exported / "tiny/export/artifact"  # the newest done stage
+    assert resolve_model_dir(cfg, "sft") == exported / "tiny/sft/artifact"
+    lines = iter(["What is 12 + 7?", "/reset", "/quit", "never read"])
+    out = io.StringIO()
+    assert chat_loop(model_dir, ChatSettings(temperature=0, max_new_tokens=6), lambda _: next(lines), out) == 0
+    assert next(lines) == "never read"  # stopped at /quit
+    streamed = out.getvalue().split("model> ")[1].rstrip("\n")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}], add_generation_prompt=True)
+    ids = torch.tensor([ids["input_ids"] if hasattr(ids, "keys") else ids])
+    greedy = model.generate(
+        ids,
+        max_new_tokens=6,
+        do_sample=False,
+        eos_token_id=[tok.convert_tokens_to_ids("<|end|>"), tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+    )
+    assert streamed == tok.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
+    eof = io.StringIO()
+    assert chat_loop(model_dir, ChatSettings(), lambda _: (_ for _ in ()).throw(EOFError), eof) == 0
+
+
+def test_report_tables_and_plots(exported):
+    from pipeline.report import write_report
+
+    path = write_report(load_config(None, [f"run.root={exported}"]), samples=False)
+    text = path.read_text()
+    assert (
+        "| pretrain | done | 2.0 s | 10 tokens/s | train_loss=2.5, val_loss=2.6, tokens=1000, tokens_per_s=10 |" in text
+    )
+    assert "| ppo | done | 5.0 s |" in text and "Total wall time of done stages" in text
+    for stage in ("pretrain", "sft", "reward"):  # the fakes' metrics.jsonl hold train/val loss
+        assert (path.parent / "report" / f"{stage}.png").stat().st_size > 1000 and f"report/{stage}.png" in text
+    assert "transformers 5." in text and ": ok" in text
