@@ -132,6 +132,20 @@ def run_reference(args: argparse.Namespace, data: Path) -> dict | None:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _insert_row(path: Path, header: str, row: str) -> None:
+    """Add ``row`` at the end of the table that starts with ``header`` (appended if there is none)."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    at = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
+    if at is None:
+        lines.append(row)
+    else:
+        at += 1
+        while at < len(lines) and lines[at].startswith("|"):
+            at += 1
+        lines.insert(at, row)
+    path.write_text("".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="run YAML (default: the issue's CPU setting)")
@@ -183,8 +197,7 @@ def main() -> None:
         + (f"reference {ref['tokens_per_s']:,.0f} tok/s (ratio {ratio:.2f}x)" if ref else "-")
         + " |\n"
     )
-    with open(args.results, "a") as f:
-        f.write(line)
+    _insert_row(args.results, "| date | machine | command | ours | reference |", line)
     print(f"appended to {args.results} ({time.time() - t0:.0f}s)")
 
 
