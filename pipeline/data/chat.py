@@ -22,12 +22,11 @@ with ``on_bad_record: skip`` it is skipped and counted instead.
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import DatasetSpec, TasksConfig
-from pipeline.data.records import BadRecord, Record, SkipCounter, normalise_all, read_records
+from pipeline.data.records import BadRecord, Record, SkipCounter, carve_held_out, normalise_all, read_records
 
 __all__ = ["ROLES", "SCHEMAS", "SFTData", "normalise_chat", "load_sft_data", "last_user_prompt"]
 
@@ -198,14 +197,7 @@ def load_sft_data(spec: DatasetSpec, tasks: TasksConfig, seed: int) -> SFTData:
         held, skipped_eval = _read(spec.eval_source, spec.eval_split or spec.split, spec)
         skipped.skipped += skipped_eval.skipped
     else:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        n_eval = int(round(len(train) * spec.eval_fraction)) if spec.eval_fraction > 0 else 0
-        if spec.eval_fraction > 0 and len(train) > 1:
-            n_eval = min(max(n_eval, 1), len(train) - 1)
-        held_idx = set(order[:n_eval])
-        held = [r for i, r in enumerate(train) if i in held_idx]
-        train = [r for i, r in enumerate(train) if i not in held_idx]
+        train, held = carve_held_out(train, spec.eval_fraction, seed)
     if not train:
         raise BadRecord(f"{spec.source}: no usable SFT records (skipped {skipped.skipped} bad ones)")
     log.info(

@@ -26,13 +26,12 @@ responses, chosen == rejected) and rankings with repeated, missing or out-of-ran
 from __future__ import annotations
 
 import logging
-import random
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import DatasetSpec, TasksConfig
-from .records import BadRecord, Record, SkipCounter, normalise_all, read_records
+from .records import BadRecord, Record, SkipCounter, carve_held_out, normalise_all, read_records
 from .tasks import generate_tasks
 
 __all__ = [
@@ -335,10 +334,8 @@ def to_pairwise(groups: list[PreferenceGroup]) -> list[dict[str, Any]]:
 
 def split_heldout(groups: list[PreferenceGroup], fraction: float, seed: int) -> tuple[list, list]:
     """Carve a held-out share off ``groups`` by prompt (a prompt's responses never straddle the split)."""
-    prompts = sorted({_prompt_key(g.prompt) for g in groups})
-    random.Random(seed).shuffle(prompts)
-    n_eval = max(1, round(len(prompts) * fraction)) if fraction > 0 and len(prompts) > 1 else 0
-    held = set(prompts[:n_eval])
+    _, held_prompts = carve_held_out(sorted({_prompt_key(g.prompt) for g in groups}), fraction, seed)
+    held = set(held_prompts)
     train = [g for g in groups if _prompt_key(g.prompt) not in held]
     heldout = [g for g in groups if _prompt_key(g.prompt) in held]
     return train, heldout

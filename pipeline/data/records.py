@@ -15,12 +15,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Record", "BadRecord", "SkipCounter", "read_records", "normalise_all"]
+__all__ = ["Record", "BadRecord", "SkipCounter", "read_records", "normalise_all", "carve_held_out"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,3 +153,22 @@ def normalise_all(
     if skipped.skipped:
         log.warning("skipped %d bad records (first: %s)", skipped.skipped, skipped.examples[0])
     return out, skipped
+
+
+def carve_held_out(records: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """Split ``records`` into (train, held-out) with a seeded shuffle, keeping the original order in each.
+
+    At least one record is held out (and one kept) when ``fraction > 0`` and there are two or more.
+
+    >>> carve_held_out(list(range(10)), 0.2, seed=0)
+    ([0, 1, 2, 3, 4, 5, 6, 9], [7, 8])
+    """
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = int(round(len(records) * fraction)) if fraction > 0 else 0
+    if fraction > 0 and len(records) > 1:
+        n_eval = min(max(n_eval, 1), len(records) - 1)
+    held_idx = set(order[:n_eval])
+    held = [r for i, r in enumerate(records) if i in held_idx]
+    train = [r for i, r in enumerate(records) if i not in held_idx]
+    return train, held
