@@ -8,7 +8,6 @@ import pytest
 MODULES = [
     "pipeline.pretrain",
     "pipeline.reward",
-    "pipeline.sft",
     "pipeline.tokenizer",
     "pipeline.data.chat",
     "pipeline.data.corpus",
