@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from pipeline.hf_trainer import context_length
+
 __all__ = ["generate_responses", "checker_accuracy", "stop_token_ids", "has_checker"]
 
 log = logging.getLogger(__name__)
@@ -50,15 +52,6 @@ def _render_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
         )
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
-
-
-def _context_length(model: Any) -> int | None:
-    cfg = model.config
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 @torch.no_grad()
@@ -103,7 +96,7 @@ def generate_responses(
         raise ValueError("generate_responses: the tokenizer has no <|end|>, <|endoftext|> or eos token to stop at")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
     encoded = _render_prompts(tokenizer, prompts)
-    ctx = _context_length(model)
+    ctx = context_length(model)
     if ctx is not None:
         room = ctx - max_new_tokens
         if room < 1:

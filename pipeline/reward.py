@@ -35,8 +35,8 @@ from trl.trainer.reward_trainer import DataCollatorForPreference, suppress_seqcl
 from trl.trainer.utils import pad
 
 from .data.preferences import PreferenceGroup, expand_comparisons
-from .evaluate import _context_length as context_length  # one definition of "the model's context"
 from .evaluate import generate_responses
+from .hf_trainer import context_length
 from .runs import StageError
 from .tokenizer import ensure_chat_tokens
 

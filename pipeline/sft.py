@@ -30,12 +30,8 @@ import dataclasses
 import difflib
 import logging
 import math
-import os
-import re
-import shutil
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +42,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from pipeline.config import ConfigError, SFTStageConfig
 from pipeline.data.chat import last_user_prompt
 from pipeline.evaluate import checker_accuracy, generate_responses, has_checker
+from pipeline.hf_trainer import (
+    CheckpointMarker,
+    cpu_without_deepspeed,
+    deepspeed_on_cpu_state,
+)
 from pipeline.runs import StageDir, StageError
 
 __all__ = [
@@ -58,22 +59,16 @@ __all__ = [
     "build_sft_config",
     "build_trainer",
     "run_training",
-    "latest_complete_checkpoint",
-    "remove_incomplete_checkpoints",
     "evaluate_answers",
     "final_evaluation",
     "held_out_records",
-    "checkpoint_step",
     "save_artifact",
-    "CHECKPOINT_MARKER",
     "RESERVED_TRAINER_ARGS",
 ]
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-CHECKPOINT_MARKER = "COMPLETE"
-_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # SFTConfig fields that the typed SFTStageConfig fields (or this module) set: naming them in
 # ``sft.trainer_args`` is an error that says which key to use instead.
@@ -314,7 +309,7 @@ def build_sft_config(cfg: SFTStageConfig, output_dir: str | Path, max_length: in
         bf16=_use_bf16(cfg.dtype),
         report_to=[],  # TensorBoard is added by build_trainer, pointed at <stage>/tb
         save_safetensors=True,
-        use_cpu=_cpu_without_deepspeed(),
+        use_cpu=cpu_without_deepspeed(),
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
@@ -324,44 +319,9 @@ def build_sft_config(cfg: SFTStageConfig, output_dir: str | Path, max_length: in
     ckpt_key = "activation_checkpointing" if "activation_checkpointing" in valid else "gradient_checkpointing"
     args[ckpt_key] = cfg.gradient_checkpointing
     args = {k: v for k, v in args.items() if k in valid}  # tolerate fields a TRL/transformers version lacks
-    args.update(_deepspeed_on_cpu_state())
+    args.update(deepspeed_on_cpu_state())
     args.update(cfg.trainer_args)
     return SFTConfig(**args)
-
-
-def _cpu_without_deepspeed() -> bool:
-    """Whether the Trainer should be told to use the CPU.
-
-    Without a GPU, accelerate forms a multi-process (gloo) group only when told to use the CPU. Under
-    DeepSpeed (``ACCELERATE_USE_DEEPSPEED``) it must not be: DeepSpeed brings its own CPU accelerator and
-    process group, and a "cpu" state would silently fall back to plain DDP (ZeRO-2) or crash TRL's ZeRO-3
-    paths. So under DeepSpeed the harness's ``ACCELERATE_USE_CPU=true`` is turned off for this process.
-    """
-    if torch.cuda.is_available():
-        return False
-    if _deepspeed_launch():
-        os.environ["ACCELERATE_USE_CPU"] = "false"
-        return False
-    return True
-
-
-def _deepspeed_launch() -> bool:
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-
-
-def _deepspeed_on_cpu_state() -> dict[str, Any]:
-    """SFTConfig options that let DeepSpeed run on CPU processes (CI), or {} elsewhere.
-
-    accelerate sets up DeepSpeed's process group with the backend of the device it finds, and on a machine
-    without GPUs it finds none: the state then says "one process" while two run, and the first collective
-    fails. So the state is configured here first with gloo, and the Trainer is told to use it.
-    """
-    if torch.cuda.is_available() or not _deepspeed_launch() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
-        return {}
-    from accelerate import PartialState
-
-    PartialState(backend="gloo")
-    return {"accelerator_config": {"use_configured_state": True}}
 
 
 def _has_tensorboard() -> bool:
@@ -436,24 +396,6 @@ class GracefulStop(TrainerCallback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-class CheckpointMarker(TrainerCallback):
-    """Mark ``checkpoint-N`` complete once every rank has finished writing it (see module docstring)."""
-
-    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                for p in ckpt.rglob("*"):
-                    if p.is_file():
-                        with open(p, "rb") as f:
-                            os.fsync(f.fileno())
-                (ckpt / CHECKPOINT_MARKER).write_text(f"{time.time()}\n")
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
 
 
 class CheckerEvalCallback(TrainerCallback):
@@ -533,40 +475,6 @@ def run_training(trainer: Any, resume: Path | None) -> Any:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-
-def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    if not Path(ckpt_dir).is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).iterdir() if (m := _CKPT_RE.match(p.name)) and p.is_dir()]
-    return sorted(found)
-
-
-def latest_complete_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` holding the ``COMPLETE`` marker (and ``trainer_state.json``), or None."""
-    done = [
-        p
-        for _, p in _checkpoints(Path(ckpt_dir))
-        if (p / CHECKPOINT_MARKER).is_file() and (p / "trainer_state.json").is_file()
-    ]
-    return done[-1] if done else None
-
-
-def remove_incomplete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
-    """Delete ``checkpoint-N`` folders without the marker (a write cut off by a kill); returns them."""
-    removed = []
-    for _, p in _checkpoints(Path(ckpt_dir)):
-        if not (p / CHECKPOINT_MARKER).is_file():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-    if removed:
-        log.warning("sft: removed %d incomplete checkpoint(s): %s", len(removed), ", ".join(p.name for p in removed))
-    return removed
-
-
-def checkpoint_step(path: Path) -> int:
-    m = _CKPT_RE.match(Path(path).name)
-    return int(m.group(1)) if m else 0
 
 
 # ----------------------------------------------------------------------------- evaluation

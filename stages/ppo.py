@@ -16,8 +16,8 @@ import logging
 from accelerate.utils import set_seed
 
 from pipeline.data.prompts import load_prompts
+from pipeline.hf_trainer import context_length
 from pipeline.rl.components import (
-    context_length,
     evaluate_held_out,
     load_models,
     load_reward_stats,

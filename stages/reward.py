@@ -23,7 +23,15 @@ from trl import RewardConfig
 
 from pipeline.data.preferences import PreferenceData, PreferenceGroup, load_preferences
 from pipeline.data.records import BadRecord
-from pipeline.evaluate import _context_length as context_length
+from pipeline.hf_trainer import (  # the Trainer plumbing SFT and reward share
+    CheckpointMarker,
+    checkpoint_step,
+    context_length,
+    cpu_without_deepspeed,
+    deepspeed_on_cpu_state,
+    latest_complete_checkpoint,
+    remove_incomplete_checkpoints,
+)
 from pipeline.reward import (
     MetricsCallback,
     StopOnSignal,
@@ -38,14 +46,6 @@ from pipeline.reward import (
     score_texts,
 )
 from pipeline.runs import StageError, atomic_write_json
-from pipeline.sft import (  # the Trainer plumbing SFT and reward share
-    CheckpointMarker,
-    _cpu_without_deepspeed,
-    _deepspeed_on_cpu_state,
-    checkpoint_step,
-    latest_complete_checkpoint,
-    remove_incomplete_checkpoints,
-)
 from pipeline.stage import StageContext, StageResult, is_main_process, run_stage
 
 log = logging.getLogger("stages.reward")
@@ -92,10 +92,10 @@ def _training_args(ctx: StageContext) -> RewardConfig:
         max_length=None,  # encode_groups drops too-long groups itself
         prediction_loss_only=True,
         report_to="none",  # metrics.jsonl and tb/ come from _callbacks
-        use_cpu=_cpu_without_deepspeed(),
+        use_cpu=cpu_without_deepspeed(),
         dataloader_pin_memory=torch.cuda.is_available(),
         trust_remote_code=rc.trust_remote_code,
-        **_deepspeed_on_cpu_state(),  # DeepSpeed on CPU processes (CI) needs a gloo state set up first
+        **deepspeed_on_cpu_state(),  # DeepSpeed on CPU processes (CI) needs a gloo state set up first
     )
 
 

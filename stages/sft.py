@@ -17,16 +17,14 @@ from transformers import set_seed
 
 from pipeline.data.chat import load_sft_data
 from pipeline.evaluate import has_checker
+from pipeline.hf_trainer import checkpoint_step, latest_complete_checkpoint, remove_incomplete_checkpoints
 from pipeline.runs import StageError
 from pipeline.sft import build_trainer as _build_trainer
 from pipeline.sft import (
-    checkpoint_step,
     evaluate_answers,
     final_evaluation,
     held_out_records,
-    latest_complete_checkpoint,
     load_model_and_tokenizer,
-    remove_incomplete_checkpoints,
     resolve_max_length,
     run_training,
     save_artifact,

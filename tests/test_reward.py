@@ -21,6 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import load_config
 from pipeline.data.preferences import PreferenceGroup
+from pipeline.hf_trainer import latest_complete_checkpoint
 from pipeline.reward import (
     GroupedPreferenceCollator,
     MetricsCallback,
@@ -35,7 +36,6 @@ from pipeline.reward import (
     reward_stats,
     score_texts,
 )
-from pipeline.sft import latest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,14 +15,12 @@ import torch.nn.functional as F
 
 from pipeline.config import ConfigError, SFTStageConfig, load_config
 from pipeline.data.tasks import generate_tasks
+from pipeline.hf_trainer import CHECKPOINT_MARKER, latest_complete_checkpoint, remove_incomplete_checkpoints
 from pipeline.runs import StageDir
 from pipeline.sft import (
-    CHECKPOINT_MARKER,
     IGNORE_INDEX,
     build_sft_config,
     build_trainer,
-    latest_complete_checkpoint,
-    remove_incomplete_checkpoints,
     tokenize_chat,
     tokenize_examples,
 )

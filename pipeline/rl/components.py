@@ -117,14 +117,6 @@ def load_reward_stats(reward_from: str | Path) -> dict[str, float]:
         raise StageError(f"{path}: expected {{'mean': float, 'std': float, 'n': int}} ({e})") from None
 
 
-def context_length(model: nn.Module) -> int | None:
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(model.config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def render_prompts(tokenizer: Any, records: list[dict[str, Any]], max_prompt_length: int) -> list[list[int]]:
     """Token ids of each record's ``messages`` through the chat template with the generation prompt.
 
