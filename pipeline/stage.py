@@ -38,6 +38,8 @@ def setup_logging() -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec", "accelerate", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "Removed shared tensor {'lm_head.weight'} while saving": the tied head is restored on load, by design
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 @dataclass
