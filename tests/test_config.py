@@ -88,3 +88,33 @@ def test_fingerprints_follow_lineage():
     ext = all_fingerprints(load_config(None, ["sft.init_from=gpt2", "model.n_layer=2"]))
     assert ext["pretrain"] != base["pretrain"]
     assert ext["sft"] == all_fingerprints(load_config(None, ["sft.init_from=gpt2"]))["sft"]
+
+
+CARDS = Path(__file__).resolve().parents[1] / "data_cards"
+DEFAULT_CARDS = {
+    "sft": "generated-tasks-sft.md",
+    "reward": "generated-tasks-rewards.md",
+    "ppo": "generated-tasks-prompts.md",
+}
+
+
+def _card_naming(name: str) -> list[str]:
+    """Cards whose YAML header names ``name`` (hub id or source dataset)."""
+    return [p.name for p in CARDS.glob("*.md") if name in p.read_text(encoding="utf-8").split("\n---", 1)[0]]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_dataset_a_config_names_has_a_card(path):
+    cfg = load_config(path)
+    corpus = cfg.data.corpus
+    if corpus.source == "default":
+        assert (CARDS / "shakespeare.md").is_file()
+    elif corpus.source == "hub":
+        assert _card_naming(corpus.hub_name), f"{path}: no data card names {corpus.hub_name}"
+    for stage in ("sft", "reward", "ppo"):
+        spec = getattr(cfg, stage).dataset
+        for source in {spec.source, spec.eval_source} - {""}:
+            if source == "default":
+                assert (CARDS / DEFAULT_CARDS[stage]).is_file()
+            elif source.startswith("hub:"):
+                assert _card_naming(source[4:]), f"{path}: {stage}.dataset names {source}, which has no data card"
