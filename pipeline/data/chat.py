@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import DatasetSpec, TasksConfig
-from pipeline.data.records import BadRecord, Record, SkipCounter, carve_held_out, normalise_all, read_records
+from pipeline.data.records import BadRecord, Record, load_train_and_held_out
 
 __all__ = ["ROLES", "SCHEMAS", "SFTData", "normalise_chat", "load_sft_data", "last_user_prompt"]
 
@@ -166,11 +166,6 @@ def last_user_prompt(record: dict[str, Any]) -> str:
     return users[-1] if users else ""
 
 
-def _read(source: str, split: str, spec: DatasetSpec) -> tuple[list[dict[str, Any]], SkipCounter]:
-    records = read_records(source, split=split, hub_config=spec.hub_config, max_records=spec.max_records)
-    return normalise_all(records, normalise_chat, spec.on_bad_record)
-
-
 def load_sft_data(spec: DatasetSpec, tasks: TasksConfig, seed: int) -> SFTData:
     """The train and held-out records a :class:`DatasetSpec` names, normalised to ``messages``.
 
@@ -192,19 +187,5 @@ def load_sft_data(spec: DatasetSpec, tasks: TasksConfig, seed: int) -> SFTData:
         if spec.max_records:
             train = train[: spec.max_records]
         return SFTData(train, held, 0, "default")
-    train, skipped = _read(spec.source, spec.split, spec)
-    if spec.eval_source:
-        held, skipped_eval = _read(spec.eval_source, spec.eval_split or spec.split, spec)
-        skipped.skipped += skipped_eval.skipped
-    else:
-        train, held = carve_held_out(train, spec.eval_fraction, seed)
-    if not train:
-        raise BadRecord(f"{spec.source}: no usable SFT records (skipped {skipped.skipped} bad ones)")
-    log.info(
-        "sft data: %d train, %d held-out records from %s (%d bad skipped)",
-        len(train),
-        len(held),
-        spec.source,
-        skipped.skipped,
-    )
-    return SFTData(train, held, skipped.skipped, spec.source)
+    train, held, skipped = load_train_and_held_out(spec, normalise_chat, seed, "SFT records")
+    return SFTData(train, held, skipped, spec.source)

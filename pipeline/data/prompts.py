@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import DatasetSpec, TasksConfig
-from pipeline.data.records import BadRecord, Record, SkipCounter, carve_held_out, normalise_all, read_records
+from pipeline.data.records import BadRecord, Record, load_train_and_held_out
 
 __all__ = ["PromptData", "normalise_prompt", "load_prompts"]
 
@@ -99,11 +99,6 @@ def normalise_prompt(rec: Record) -> dict[str, Any]:
     return out
 
 
-def _read(source: str, split: str, spec: DatasetSpec) -> tuple[list[dict[str, Any]], SkipCounter]:
-    records = read_records(source, split=split, hub_config=spec.hub_config, max_records=spec.max_records)
-    return normalise_all(records, normalise_prompt, spec.on_bad_record)
-
-
 def load_prompts(spec: DatasetSpec, tasks: TasksConfig, seed: int) -> PromptData:
     """Training and held-out prompts named by a :class:`DatasetSpec` (``ppo.dataset``).
 
@@ -124,19 +119,5 @@ def load_prompts(spec: DatasetSpec, tasks: TasksConfig, seed: int) -> PromptData
         if spec.max_records:
             train = train[: spec.max_records]
         return PromptData(train, held, 0, "default")
-    train, skipped = _read(spec.source, spec.split, spec)
-    if spec.eval_source:
-        held, skipped_eval = _read(spec.eval_source, spec.eval_split or spec.split, spec)
-        skipped.skipped += skipped_eval.skipped
-    else:
-        train, held = carve_held_out(train, spec.eval_fraction, seed)
-    if not train:
-        raise BadRecord(f"{spec.source}: no usable PPO prompts (skipped {skipped.skipped} bad ones)")
-    log.info(
-        "ppo prompts: %d train, %d held-out from %s (%d bad skipped)",
-        len(train),
-        len(held),
-        spec.source,
-        skipped.skipped,
-    )
-    return PromptData(train, held, skipped.skipped, spec.source)
+    train, held, skipped = load_train_and_held_out(spec, normalise_prompt, seed, "PPO prompts")
+    return PromptData(train, held, skipped, spec.source)

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Record", "BadRecord", "SkipCounter", "read_records", "normalise_all", "carve_held_out"]
+__all__ = [
+    "Record",
+    "BadRecord",
+    "SkipCounter",
+    "read_records",
+    "normalise_all",
+    "carve_held_out",
+    "load_train_and_held_out",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -172,3 +180,34 @@ def carve_held_out(records: list[T], fraction: float, seed: int) -> tuple[list[T
     held = [r for i, r in enumerate(records) if i in held_idx]
     train = [r for i, r in enumerate(records) if i not in held_idx]
     return train, held
+
+
+def load_train_and_held_out(
+    spec: Any, normalise: Callable[[Record], T], seed: int, what: str
+) -> tuple[list[T], list[T], int]:
+    """The (train, held-out, skipped count) records of a file or ``hub:<name>`` ``DatasetSpec``.
+
+    Held-out records come from ``spec.eval_source`` (split ``eval_split``, default ``split``) or, when that is
+    empty, ``spec.eval_fraction`` is carved off the training records with a seeded shuffle.
+
+    Raises:
+        BadRecord: a bad record in ``on_bad_record: error`` mode, or no usable training record (``what`` names them).
+        FileNotFoundError: a local source does not exist.
+    """
+
+    def read(source: str, split: str) -> tuple[list[T], SkipCounter]:
+        records = read_records(source, split=split, hub_config=spec.hub_config, max_records=spec.max_records)
+        return normalise_all(records, normalise, spec.on_bad_record)
+
+    train, skipped = read(spec.source, spec.split)
+    if spec.eval_source:
+        held, skipped_eval = read(spec.eval_source, spec.eval_split or spec.split)
+        skipped.skipped += skipped_eval.skipped
+    else:
+        train, held = carve_held_out(train, spec.eval_fraction, seed)
+    if not train:
+        raise BadRecord(f"{spec.source}: no usable {what} (skipped {skipped.skipped} bad ones)")
+    log.info(
+        "%s: %d train, %d held-out from %s (%d bad skipped)", what, len(train), len(held), spec.source, skipped.skipped
+    )
+    return train, held, skipped.skipped
