@@ -136,6 +136,55 @@ def _throughput(manifest: dict[str, Any]) -> str:
     return f"{steps / wall:.3g} steps/s" if isinstance(steps, (int, float)) and wall else "-"
 
 
+QUALITY_BAR = {"wall_time_s": 900.0, "reward_pair_accuracy": 0.85, "ppo_accuracy_gain": 0.05}
+"""The default run's quality bar: whole run <= 15 min, held-out pair accuracy >= 0.85, PPO checker accuracy
+at least 5 points above the SFT model's (with SFT above the pretrained model, reward up, KL within target)."""
+
+
+def _mark(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def quality_lines(manifests: dict[str, dict[str, Any]], total_wall_s: float) -> list[str]:
+    """The quality-bar checklist and the reward-model-vs-checker section; empty when no stage has a checker."""
+    sft = manifests.get("sft", {}).get("metrics", {})
+    rw = manifests.get("reward", {}).get("metrics", {})
+    ppo_manifest = manifests.get("ppo", {})
+    ppo = ppo_manifest.get("metrics", {})
+    if sft.get("checker_accuracy") is None and ppo.get("checker_accuracy") is None:
+        return []
+    bar = QUALITY_BAR
+    rows = []
+    if all(s in manifests for s in STAGES):
+        rows.append(("whole run <= 15 min", f"{total_wall_s:.0f} s", total_wall_s <= bar["wall_time_s"]))
+    if sft.get("checker_accuracy") is not None and sft.get("pretrain_checker_accuracy") is not None:
+        a, b = sft["checker_accuracy"], sft["pretrain_checker_accuracy"]
+        rows.append(("SFT: checker accuracy above the pretrained model's", f"{b:.3f} -> {a:.3f}", a > b))
+    if rw.get("pair_accuracy") is not None:
+        rows.append(("reward: held-out pair accuracy >= 0.85", f"{rw['pair_accuracy']:.3f}",
+                     rw["pair_accuracy"] >= bar["reward_pair_accuracy"]))  # fmt: skip
+    if ppo.get("checker_accuracy") is not None and ppo.get("sft_checker_accuracy") is not None:
+        a, b = ppo["checker_accuracy"], ppo["sft_checker_accuracy"]
+        rows.append(("PPO: checker accuracy >= SFT's + 5 points", f"{b:.3f} -> {a:.3f} ({(a - b) * 100:+.1f})",
+                     a - b >= bar["ppo_accuracy_gain"] - 1e-9))  # fmt: skip
+    if ppo.get("reward_mean") is not None and ppo.get("sft_reward_mean") is not None:
+        rows.append(("PPO: mean held-out reward up", f"{ppo['sft_reward_mean']:.3f} -> {ppo['reward_mean']:.3f}",
+                     ppo["reward_mean"] > ppo["sft_reward_mean"]))  # fmt: skip
+    target = (ppo_manifest.get("config") or {}).get("ppo", {}).get("kl_target")
+    if ppo.get("kl") is not None and isinstance(target, (int, float)):
+        rows.append(("PPO: KL to the reference within ppo.kl_target", f"{ppo['kl']:.3f} (target {target:g})",
+                     ppo["kl"] <= target))  # fmt: skip
+    lines = ["## Quality bar (held-out prompts, task checker)", "", "| check | value | |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {_mark(ok)} |" for name, value, ok in rows]
+    lines.append("")
+    summary = ppo_manifest.get("rm_vs_checker")
+    if summary:
+        from .agreement import format_markdown
+
+        lines += ["## Reward model vs checker", ""] + format_markdown(summary)
+    return lines
+
+
 def write_report(cfg: RunConfig, samples: bool = True, n_samples: int = 5) -> Path:
     """Write runs/<run>/report.md and its plots; returns the report's path."""
     run_dir = cfg.run_dir
@@ -170,6 +219,7 @@ def write_report(cfg: RunConfig, samples: bool = True, n_samples: int = 5) -> Pa
         for i, p in enumerate(got["prompts"]):
             lines.append(f"| {_cell(p)} | " + " | ".join(_cell(got["answers"][s][i]) for s in stages) + " |")
         lines.append("")
+    lines += quality_lines(manifests, total)
     if "export" in manifests:
         exp = manifests["export"]
         checks = ", ".join(

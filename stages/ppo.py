@@ -5,7 +5,9 @@
 
 Reads runs/<run>/sft/artifact (or ``ppo.policy_from``) and runs/<run>/reward/artifact (or ``ppo.reward_from``),
 writes runs/<run>/ppo/artifact (the aligned causal LM + tokenizer + generation_config), metrics.jsonl,
-curves.png and checkpoints/step_N (policy+value, optimizer, scheduler, RNGs, KL controller, prompt cursor).
+curves.png, eval_answers.jsonl (greedy SFT and PPO answers to the held-out prompts with their reward-model
+scores; the manifest's ``rm_vs_checker`` compares those scores with the task checker, see
+``pipeline/agreement.py``) and checkpoints/step_N (policy+value, optimizer, scheduler, RNGs, KL controller, prompt cursor).
 A killed run started again resumes from the newest complete checkpoint; a finished one does nothing.
 """
 
@@ -15,7 +17,9 @@ import logging
 
 from accelerate.utils import set_seed
 
+from pipeline.agreement import rm_vs_checker
 from pipeline.data.prompts import load_prompts
+from pipeline.data.tasks import write_jsonl
 from pipeline.hf_trainer import context_length
 from pipeline.rl.components import (
     evaluate_held_out,
@@ -70,7 +74,7 @@ def _body(ctx: StageContext) -> StageResult:
     )
 
     def on_eval(step: int) -> dict[str, float]:
-        metrics, _ = evaluate_held_out(trainer, m.tokenizer, held, held_ids, 0)
+        metrics, _ = evaluate_held_out(trainer, m.tokenizer, held, held_ids)
         return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
     try:
@@ -79,10 +83,14 @@ def _body(ctx: StageContext) -> StageResult:
         log.warning("ppo: %s", e)
         raise SystemExit(128 + e.signum) from None
 
-    final, samples = evaluate_held_out(trainer, m.tokenizer, held, held_ids, cfg.n_samples)
+    final, answers = evaluate_held_out(trainer, m.tokenizer, held, held_ids)
     save_policy(trainer, m.tokenizer, m.stop_ids, m.pad_id, ctx.dir.artifact)
+    agreement = rm_vs_checker(answers, final.get("kl"), cfg.kl_target)
     if accelerator.is_main_process:
         ctx.dir.append_metrics({"step": trainer.step, **{f"eval/{k}": v for k, v in final.items() if v is not None}})
+        write_jsonl(answers, ctx.dir.root / "eval_answers.jsonl")
+        if agreement is not None:
+            log.info("ppo: %s", agreement["verdict"])
     history = ctx.dir.read_metrics()
     if accelerator.is_main_process:
         plot_curves(history, ctx.dir.root / "curves.png")
@@ -104,7 +112,9 @@ def _body(ctx: StageContext) -> StageResult:
         final.get("sft_checker_accuracy"),
     )
     extra = {
-        "samples": samples,
+        "samples": answers[: cfg.n_samples],
+        "eval_answers": str(ctx.dir.root / "eval_answers.jsonl"),
+        "rm_vs_checker": agreement,
         "data": {
             "source": data.source,
             "n_train": len(data.train),

@@ -154,6 +154,13 @@ def test_micro_pipeline_end_to_end(micro_run):
     for stage in ("pretrain", "sft", "reward", "ppo"):
         assert (cfg.run_dir / "report" / f"{stage}.png").stat().st_size > 1000 and f"report/{stage}.png" in text
     assert "| prompt | pretrain | sft | ppo |" in text
+    # the quality bar and where the reward model and the checker disagree, from the PPO stage's held-out answers
+    assert "## Quality bar" in text and "## Reward model vs checker" in text and "**Verdict.**" in text
+    ppo = StageDir.of(cfg.run_dir, "ppo")
+    answers = [json.loads(line) for line in (ppo.root / "eval_answers.jsonl").read_text().splitlines()]
+    summary = ppo.manifest()["rm_vs_checker"]
+    assert len(answers) == summary["n"] == 8 and summary["tasks"]["all"]["n"] == 8
+    assert summary["tasks"]["all"]["sft_accuracy"] == ppo.manifest()["metrics"]["sft_checker_accuracy"]
 
 
 _FRESH = """

@@ -60,7 +60,7 @@ def count_target(query_ids, query_mask, response_ids, response_mask):
     return ((response_ids == TARGET) & response_mask.bool()).sum(1).float()
 
 
-def make_trainer(ref_equals_policy=True, score_fn=count_target, reward_model=None, **overrides):
+def make_trainer(ref_equals_policy=True, score_fn=count_target, reward_model=None, reward_stats=None, **overrides):
     cfg = PPOStageConfig(
         **{
             "max_new_tokens": 6,
@@ -79,7 +79,17 @@ def make_trainer(ref_equals_policy=True, score_fn=count_target, reward_model=Non
     policy, value = tiny_models()
     ref = copy.deepcopy(policy) if ref_equals_policy else tiny_models(seed=1)[0]
     return PPOTrainer(
-        cfg, Accelerator(cpu=True), policy, value, ref, reward_model, [STOP], PAD, score_fn=score_fn, seed=0
+        cfg,
+        Accelerator(cpu=True),
+        policy,
+        value,
+        ref,
+        reward_model,
+        [STOP],
+        PAD,
+        reward_stats,
+        score_fn=score_fn,
+        seed=0,
     )
 
 
@@ -210,8 +220,7 @@ def test_first_minibatch_has_ratio_one_and_later_ones_move():
 
 def test_reward_model_scores_prompt_response_and_end_token():
     _, rm = tiny_models(seed=3)
-    tr = make_trainer(score_fn=None, reward_model=rm, missing_eos_penalty=1.0)
-    tr.reward_stats = {"mean": 0.5, "std": 2.0}
+    tr = make_trainer(score_fn=None, reward_model=rm, missing_eos_penalty=1.0, reward_stats={"mean": 0.5, "std": 2.0})
     q, qm = left_pad(PROMPTS, PAD)
     ro = tr.rollout(q, qm)
     for i in range(len(PROMPTS)):
@@ -222,6 +231,11 @@ def test_reward_model_scores_prompt_response_and_end_token():
         torch.testing.assert_close(ro.raw_scores[i], expected, atol=1e-5, rtol=0)
     # centred by reward_stats, minus the penalty for responses that never ended
     torch.testing.assert_close(ro.scores, ro.raw_scores - 0.5 - 1.0 * (~ro.ended).float())
+    # the value model (initialised from a reward model) is put on the rewards' scale: head - mean
+    raw_values = token_scores(tr.unwrapped.value_model, q, qm, ro.response_ids, ro.response_mask)
+    P = q.shape[1]
+    expected_values = (raw_values[:, P - 1 : P - 1 + ro.response_ids.shape[1]] - 0.5) * ro.response_mask
+    torch.testing.assert_close(ro.values, expected_values, atol=1e-5, rtol=0)
 
 
 def test_missing_eos_penalty_and_reward_normalisation():
@@ -230,12 +244,14 @@ def test_missing_eos_penalty_and_reward_normalisation():
     ro = tr.rollout(q, qm)
     expected = 3.0 - 1.5 * (~ro.ended).float()
     torch.testing.assert_close(ro.scores, expected)
-    # with a reward model the raw score is centred (or standardised) by reward_stats.json
-    tr.score_fn = None
-    tr.reward_stats = {"mean": 1.0, "std": 2.0}
-    torch.testing.assert_close(tr.normalise(torch.tensor([3.0])), torch.tensor([2.0]))
-    tr.cfg = PPOStageConfig(**{**tr.cfg.__dict__, "reward_norm": "standardize"})
-    torch.testing.assert_close(tr.normalise(torch.tensor([3.0])), torch.tensor([1.0]))
+    torch.testing.assert_close(tr.normalise(torch.tensor([3.0])), torch.tensor([3.0]))  # score_fn: left raw
+    # with a reward model the raw score is centred (or standardised) by reward_stats.json, and so are the values
+    _, rm = tiny_models(seed=3)
+    for norm, expected, scale in (("center", 2.0, 1.0), ("standardize", 1.0, 2.0), ("none", 3.0, 1.0)):
+        tr = make_trainer(score_fn=None, reward_model=rm, reward_stats={"mean": 1.0, "std": 2.0}, reward_norm=norm)
+        torch.testing.assert_close(tr.normalise(torch.tensor([3.0])), torch.tensor([expected]))
+        shift = 0.0 if norm == "none" else 1.0
+        assert (tr.unwrapped.value_shift, tr.unwrapped.value_scale) == (shift, scale)
 
 
 def test_ppo_raises_a_programmatic_reward():

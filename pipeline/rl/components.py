@@ -140,15 +140,16 @@ def render_prompts(tokenizer: Any, records: list[dict[str, Any]], max_prompt_len
 
 
 def evaluate_held_out(
-    trainer: Any, tokenizer: Any, records: list[dict[str, Any]], prompt_ids: list[list[int]], n_samples: int
+    trainer: Any, tokenizer: Any, records: list[dict[str, Any]], prompt_ids: list[list[int]]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Greedy policy vs SFT answers on held-out prompts, scored by the reward model and the task checker.
 
     Every process answers an equal share of the prompts; results are gathered on all processes.
 
     Returns:
-        ``(metrics, samples)``: ``reward_mean``, ``sft_reward_mean``, ``kl``, ``checker_accuracy``,
-        ``sft_checker_accuracy``, ``ended`` and ``n_eval``; the first ``n_samples`` answers side by side.
+        ``(metrics, answers)``: ``reward_mean``, ``sft_reward_mean``, ``kl``, ``checker_accuracy``,
+        ``sft_checker_accuracy``, ``ended`` and ``n_eval``; per prompt ``prompt``, ``task``, ``answer``
+        (the record's ground truth, None without a checker), ``sft``, ``sft_score``, ``policy``, ``policy_score``.
     """
     from accelerate.utils import gather_object
 
@@ -174,18 +175,19 @@ def evaluate_held_out(
         "ended": sum(r["policy_ended"] for r in results) / n,
         "n_eval": n,
     }
-    samples = [
+    answers = [
         {
             "prompt": rec.get("prompt", ""),
+            "task": rec.get("task"),
             "answer": rec.get("answer"),
             "sft": s,
             "sft_score": round(r["sft_score"], 4),
             "policy": p,
             "policy_score": round(r["policy_score"], 4),
         }
-        for rec, r, s, p in list(zip(records, results, sft_text, policy_text))[:n_samples]
+        for rec, r, s, p in zip(records, results, sft_text, policy_text)
     ]
-    return metrics, samples
+    return metrics, answers
 
 
 def save_policy(trainer: Any, tokenizer: Any, stop_ids: list[int], pad_id: int, out_dir: Path) -> None:

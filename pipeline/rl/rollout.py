@@ -91,12 +91,23 @@ class PolicyAndValue(nn.Module):
 
     accelerate prepares several DeepSpeed models only with one config per model; one module with two
     parameter groups (policy lr, value lr) keeps every backend on the same code path.
+
+    ``value_shift``/``value_scale`` put the value model's outputs on the rewards' scale: a value model
+    initialised from the reward model predicts raw scores, while PPO's rewards are the scores normalised
+    with the reward statistics, so its values are ``(head - shift) / scale`` (OpenRLHF's critic does the
+    same). Without it the first updates' advantages are dominated by the offset (value loss ~ mean^2).
     """
 
-    def __init__(self, policy: nn.Module, value_model: nn.Module) -> None:
+    def __init__(
+        self, policy: nn.Module, value_model: nn.Module, value_shift: float = 0.0, value_scale: float = 1.0
+    ) -> None:
         super().__init__()
+        if not value_scale > 0:
+            raise ValueError(f"value_scale must be > 0, got {value_scale}")
         self.policy = policy
         self.value_model = value_model
+        self.value_shift = float(value_shift)
+        self.value_scale = float(value_scale)
 
     def forward(
         self,
@@ -121,6 +132,8 @@ class PolicyAndValue(nn.Module):
             with torch.no_grad():
                 entropy = entropy_from_logits(logits)
         values = token_scores(self.value_model, query_ids, query_mask, response_ids, response_mask)
+        if self.value_shift != 0.0 or self.value_scale != 1.0:
+            values = (values - self.value_shift) / self.value_scale
         P, T = query_ids.shape[1], response_ids.shape[1]
         return logprobs, values[:, P - 1 : P - 1 + T], entropy
 

@@ -140,7 +140,14 @@ class PPOTrainer:
         self.ref_model = self._freeze(ref_model, frozen_device, dtype)
         self.reward_model = self._freeze(reward_model, frozen_device, dtype) if reward_model is not None else None
 
-        model = PolicyAndValue(policy, value_model)
+        # (score - shift) / scale: the reward model's score normalised with its saved statistics; the
+        # value model (initialised from the reward model) is put on the same scale
+        self.reward_shift, self.reward_scale = 0.0, 1.0
+        if score_fn is None and cfg.reward_norm != "none":
+            self.reward_shift = float(self.reward_stats["mean"])
+            if cfg.reward_norm == "standardize":
+                self.reward_scale = max(float(self.reward_stats.get("std", 1.0)), 1e-8)
+        model = PolicyAndValue(policy, value_model, self.reward_shift, self.reward_scale)
         optimizer = torch.optim.AdamW(
             [
                 {"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
@@ -226,12 +233,7 @@ class PPOTrainer:
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """The reward model's score normalised with its saved statistics (``ppo.reward_norm``)."""
-        if self.cfg.reward_norm == "none" or self.score_fn is not None:
-            return raw
-        centred = raw - float(self.reward_stats["mean"])
-        if self.cfg.reward_norm == "standardize":
-            centred = centred / max(float(self.reward_stats.get("std", 1.0)), 1e-8)
-        return centred
+        return (raw - self.reward_shift) / self.reward_scale
 
     @torch.no_grad()
     def rollout(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Rollout:

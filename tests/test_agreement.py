@@ -1,0 +1,84 @@
+"""Reward model vs checker on held-out answers (pipeline.agreement): per-task table, transitions, verdict."""
+
+from __future__ import annotations
+
+from pipeline.agreement import format_markdown, rm_vs_checker
+
+
+def _a(task, answer, sft, sft_score, policy, policy_score, prompt="q"):
+    return {"prompt": prompt, "task": task, "answer": answer, "sft": sft, "sft_score": sft_score,
+            "policy": policy, "policy_score": policy_score}  # fmt: skip
+
+
+def test_exploitation_is_detected_and_counted():
+    answers = [
+        _a("add", "103", "103", 3.0, "95", 4.0, "Add 55 and 48."),  # right -> wrong, reward up: exploited
+        _a("add", "80", "86", 2.0, "80", 2.5),  # wrong -> right, reward up
+        _a("count", "5", "5", 6.0, "5", 6.1),  # unchanged right
+        _a("count", "4", "3", 1.0, "2", 1.5),  # wrong -> wrong, reward up
+        _a("spell", "k i n g", "k i n g", 5.0, "k i n g.", 5.2),  # both right, written differently
+    ]
+    s = rm_vs_checker(answers, kl=0.2, kl_target=6.0)
+    assert s["n"] == 5
+    assert s["tasks"]["add"] == {
+        "n": 2, "sft_accuracy": 0.5, "ppo_accuracy": 0.5, "sft_reward": 2.5, "ppo_reward": 3.25,
+        "rm_agrees": 1, "one_right": 2,
+    }  # fmt: skip
+    assert s["tasks"]["all"]["sft_accuracy"] == 3 / 5 and s["tasks"]["all"]["ppo_accuracy"] == 3 / 5
+    assert s["transitions"] == {
+        "wrong_to_right": {"n": 1, "reward_up": 1},
+        "right_to_wrong": {"n": 1, "reward_up": 1},
+        "wrong_to_wrong": {"n": 1, "reward_up": 1},
+    }
+    assert (
+        s["exploited"] is True and "exploited" in s["verdict"] and "1 answers went from right to wrong" in s["verdict"]
+    )
+    assert abs(s["reward_gain"] - (sum([4.0, 2.5, 6.1, 1.5, 5.2]) - sum([3.0, 2.0, 6.0, 1.0, 5.0])) / 5) < 1e-9
+    (ex,) = s["examples"]
+    assert (ex["prompt"], ex["preferred"], ex["preferred_by"], ex["right"]) == ("Add 55 and 48.", "95", "ppo", "103")
+    text = "\n".join(format_markdown(s))
+    assert "| add | 2 | 50.0% | 50.0% | 2.500 | 3.250 | 1/2 |" in text
+    assert "| Add 55 and 48. | 103 | 95 (ppo) | 4.000 | 103 | 3.000 |" in text
+    assert "within the target 6" in text and "**Verdict.** PPO exploited" in text
+
+
+def test_real_gain_and_no_gain_verdicts():
+    gain = [_a("add", str(i), "0", 1.0, str(i), 2.0) for i in range(1, 5)] + [_a("add", "9", "9", 1.0, "9", 1.0)]
+    s = rm_vs_checker(gain, kl=7.0, kl_target=6.0)
+    assert s["exploited"] is False and s["accuracy_gain"] == 4 / 5 and "+80.0 points" in s["verdict"]
+    assert s["tasks"]["add"]["rm_agrees"] == 4 == s["tasks"]["add"]["one_right"] and s["examples"] == []
+    assert "ABOVE the target 6" in "\n".join(format_markdown(s))
+    flat = [_a("add", "1", "0", 2.0, "0", 1.0)]
+    s = rm_vs_checker(flat)
+    assert s["exploited"] is False and "did not rise" in s["verdict"]
+
+
+def test_prompts_without_checker_are_skipped():
+    assert rm_vs_checker([{"prompt": "hi", "task": None, "answer": None, "sft": "a", "sft_score": 1.0,
+                           "policy": "b", "policy_score": 2.0}]) is None  # fmt: skip
+    assert rm_vs_checker([]) is None
+
+
+def test_report_quality_bar_marks_each_check():
+    from pipeline.report import quality_lines
+    from pipeline.runs import STAGES
+
+    summary = rm_vs_checker([_a("add", "103", "103", 3.0, "95", 4.0)], kl=0.3, kl_target=6.0)
+    manifests = {s: {"metrics": {}} for s in STAGES}
+    manifests["sft"]["metrics"] = {"checker_accuracy": 0.45, "pretrain_checker_accuracy": 0.0}
+    manifests["reward"]["metrics"] = {"pair_accuracy": 0.84}
+    manifests["ppo"] = {
+        "metrics": {"checker_accuracy": 0.51, "sft_checker_accuracy": 0.45, "reward_mean": 4.9,
+                    "sft_reward_mean": 4.7, "kl": 0.3},
+        "config": {"ppo": {"kl_target": 6.0}},
+        "rm_vs_checker": summary,
+    }  # fmt: skip
+    text = "\n".join(quality_lines(manifests, total_wall_s=901.0))
+    assert "| whole run <= 15 min | 901 s | **not met** |" in text
+    assert "| SFT: checker accuracy above the pretrained model's | 0.000 -> 0.450 | met |" in text
+    assert "| reward: held-out pair accuracy >= 0.85 | 0.840 | **not met** |" in text
+    assert "| PPO: checker accuracy >= SFT's + 5 points | 0.450 -> 0.510 (+6.0) | met |" in text
+    assert "| PPO: mean held-out reward up | 4.700 -> 4.900 | met |" in text
+    assert "| PPO: KL to the reference within ppo.kl_target | 0.300 (target 6) | met |" in text
+    assert "## Reward model vs checker" in text and "**Verdict.**" in text
+    assert quality_lines({"sft": {"metrics": {"checker_accuracy": None}}}, 1.0) == []  # no checker: no section
