@@ -419,6 +419,11 @@ class PPOStageConfig:
     """'' = the SFT artifact of this run; else an HF causal LM dir (policy and frozen reference)."""
     reward_from: str = ""
     """'' = the reward artifact of this run; else an HF sequence classifier dir (value model and frozen reward model)."""
+    reward: Literal["model", "checker"] = "model"
+    """What PPO maximises. model: the reward model (RLHF). checker: the generated tasks' partial-credit score
+    (``pipeline.data.tasks.score_answer``, in [0, 1]) instead, a verifiable reward: an oracle ablation that
+    separates what the reward model limits from what PPO limits. Needs prompts with ``task``/``answer``; the
+    value model still starts from the reward model, and held-out scores are then checker scores."""
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
     max_prompt_length: int = 64
     """Chat-rendered prompt tokens kept (the last ones) per prompt."""

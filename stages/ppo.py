@@ -22,6 +22,7 @@ from pipeline.data.prompts import load_prompts
 from pipeline.data.tasks import write_jsonl
 from pipeline.hf_trainer import context_length
 from pipeline.rl.components import (
+    CheckerReward,
     evaluate_held_out,
     load_models,
     load_reward_stats,
@@ -60,16 +61,20 @@ def _body(ctx: StageContext) -> StageResult:
     held = data.held_out[: cfg.n_eval_prompts]
     held_ids = render_prompts(m.tokenizer, held, cfg.max_prompt_length)
 
+    checker = None
+    if cfg.reward == "checker":  # the oracle ablation: PPO against the task checker instead of the reward model
+        checker = CheckerReward(m.tokenizer, train_ids + held_ids, data.train + held)
     trainer = PPOTrainer(
         cfg,
         accelerator,
         m.policy,
         m.value_model,
         m.ref_model,
-        m.reward_model,
+        None if checker is not None else m.reward_model,
         m.stop_ids,
         m.pad_id,
         reward_stats=load_reward_stats(reward_from),
+        score_fn=checker,
         seed=seed,
     )
 
@@ -85,7 +90,8 @@ def _body(ctx: StageContext) -> StageResult:
 
     final, answers = evaluate_held_out(trainer, m.tokenizer, held, held_ids)
     save_policy(trainer, m.tokenizer, m.stop_ids, m.pad_id, ctx.dir.artifact)
-    agreement = rm_vs_checker(answers, final.get("kl"), cfg.kl_target)
+    # with ppo.reward=checker the scores are the checker's own: nothing to compare
+    agreement = rm_vs_checker(answers, final.get("kl"), cfg.kl_target) if checker is None else None
     if accelerator.is_main_process:
         ctx.dir.append_metrics({"step": trainer.step, **{f"eval/{k}": v for k, v in final.items() if v is not None}})
         write_jsonl(answers, ctx.dir.root / "eval_answers.jsonl")
@@ -121,6 +127,7 @@ def _body(ctx: StageContext) -> StageResult:
             "n_eval": len(held),
             "skipped_bad_records": data.skipped,
         },
+        "reward": cfg.reward,
         "policy_from": str(policy_from),
         "reward_from": str(reward_from),
         "curves": str(ctx.dir.root / "curves.png"),

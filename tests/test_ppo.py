@@ -508,3 +508,21 @@ def test_prompt_records_normalise_and_name_bad_fields(tmp_path):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": 5}]}) + "\n")
     with pytest.raises(BadRecord, match=r"p\.jsonl:1: field 'messages\[0\]\.content'"):
         load_prompts(DatasetSpec(source=str(path)), TasksConfig(), 0)
+
+
+def test_checker_reward_scores_each_response_against_its_prompts_record():
+    from pipeline.rl.components import CheckerReward
+
+    class Chars:  # ids are character codes; 1 is the end-of-turn token
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids if i != STOP)
+
+    records = [{"prompt": "2+2", "task": "add", "answer": "4"}, {"prompt": "5+5", "task": "add", "answer": "10"}]
+    prompts = [[50, 43, 50], [53, 43, 53]]
+    reward = CheckerReward(Chars(), prompts, records)
+    q, qm = left_pad([prompts[1], prompts[0], prompts[1]], PAD)
+    r, rm = torch.tensor([[49, 48, STOP], [52, STOP, 0], [57, STOP, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+    # "10" right, "4" right, "9" off by one: 0.5 + 0.4 / 2
+    torch.testing.assert_close(reward(q, qm, r, rm), torch.tensor([1.0, 1.0, 0.7]))
+    with pytest.raises(Exception, match="ppo.reward=checker: prompt record 'x' has no 'task'/'answer'"):
+        CheckerReward(Chars(), [[50]], [{"prompt": "hi", "id": "x"}])

@@ -21,6 +21,7 @@ __all__ = [
     "load_models",
     "load_reward_stats",
     "render_prompts",
+    "CheckerReward",
     "evaluate_held_out",
     "save_policy",
     "plot_curves",
@@ -137,6 +138,48 @@ def render_prompts(tokenizer: Any, records: list[dict[str, Any]], max_prompt_len
             max_prompt_length,
         )
     return out
+
+
+class CheckerReward:
+    """A programmatic PPO reward (``ppo.reward=checker``): the task checker's partial-credit score in [0, 1]
+    (:func:`pipeline.data.tasks.score_answer`) of each response to the record its prompt was rendered from.
+
+    Args:
+        tokenizer: decodes responses (special tokens dropped, as in evaluation).
+        prompt_ids: rendered prompt ids of every record that may be scored (training and held-out).
+        records: the matching records, each with ``task`` and ``answer``.
+
+    Raises:
+        StageError: a record without ``task``/``answer`` (no checker), named by its id or position.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[list[int]], records: list[dict[str, Any]]) -> None:
+        from pipeline.evaluate import has_checker
+
+        for i, rec in enumerate(records):
+            if not has_checker(rec):
+                raise StageError(
+                    f"ppo.reward=checker: prompt record {rec.get('id', i)!r} has no 'task'/'answer' fields, so no "
+                    "checker can score it; use the generated tasks (dataset source 'default') or ppo.reward=model"
+                )
+        self.tokenizer = tokenizer
+        self.by_prompt = {tuple(ids): rec for ids, rec in zip(prompt_ids, records)}
+
+    def __call__(self, query_ids: Any, query_mask: Any, response_ids: Any, response_mask: Any) -> Any:
+        import torch
+
+        from pipeline.data.tasks import score_answer
+
+        out = []
+        for q, qm, r, rm in zip(query_ids, query_mask, response_ids, response_mask):
+            key = tuple(q[qm.bool()].tolist())
+            if key not in self.by_prompt:
+                raise StageError(
+                    "ppo.reward=checker: a rollout prompt is not among the scored records (internal error)"
+                )
+            text = self.tokenizer.decode(r[rm.bool()].tolist(), skip_special_tokens=True)
+            out.append(score_answer(self.by_prompt[key], text))
+        return torch.tensor(out, dtype=torch.float32)
 
 
 def evaluate_held_out(

@@ -140,14 +140,16 @@ class PPOTrainer:
         self.ref_model = self._freeze(ref_model, frozen_device, dtype)
         self.reward_model = self._freeze(reward_model, frozen_device, dtype) if reward_model is not None else None
 
-        # (score - shift) / scale: the reward model's score normalised with its saved statistics; the
-        # value model (initialised from the reward model) is put on the same scale
-        self.reward_shift, self.reward_scale = 0.0, 1.0
-        if score_fn is None and cfg.reward_norm != "none":
-            self.reward_shift = float(self.reward_stats["mean"])
+        # (score - shift) / scale: the reward model's score normalised with its saved statistics. The value
+        # model (initialised from the reward model) is put on the same scale, also under a score_fn, whose
+        # rewards are left as they are
+        shift, scale = 0.0, 1.0
+        if cfg.reward_norm != "none":
+            shift = float(self.reward_stats["mean"])
             if cfg.reward_norm == "standardize":
-                self.reward_scale = max(float(self.reward_stats.get("std", 1.0)), 1e-8)
-        model = PolicyAndValue(policy, value_model, self.reward_shift, self.reward_scale)
+                scale = max(float(self.reward_stats.get("std", 1.0)), 1e-8)
+        self.reward_shift, self.reward_scale = (shift, scale) if score_fn is None else (0.0, 1.0)
+        model = PolicyAndValue(policy, value_model, shift, scale)
         optimizer = torch.optim.AdamW(
             [
                 {"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
