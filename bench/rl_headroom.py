@@ -73,12 +73,16 @@ def main() -> None:
             s["auc_wins"] += sum((g > b) + 0.5 * (g == b) for g in right for b in wrong)
             s["mixed"] += bool(right and wrong)
 
-    print(f"| task | n | greedy | sampled | pass@{k} | headroom (pass@{k} - greedy) | rm_best_of_{k} | rm_auc (prompts) |")
+    print(
+        f"| task | n | greedy | sampled | pass@{k} | headroom (pass@{k} - greedy) | rm_best_of_{k} | rm_auc (prompts) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for task in sorted(acc, key=lambda t: (t == "all", t)):
         s = acc[task]
         n = s["n"]
-        auc = f"{s['auc_wins'] / s['auc_pairs']:.3f} ({int(s['mixed'])})" if s["auc_pairs"] else f"- ({int(s['mixed'])})"
+        auc = (
+            f"{s['auc_wins'] / s['auc_pairs']:.3f} ({int(s['mixed'])})" if s["auc_pairs"] else f"- ({int(s['mixed'])})"
+        )
         print(
             f"| {task} | {int(n)} | {s['greedy'] / n:.3f} | {s['sampled'] / n:.3f} | {s['pass'] / n:.3f} | "
             f"{(s['pass'] - s['greedy']) / n:+.3f} | {s['best'] / n:.3f} | {auc} |"

@@ -521,7 +521,10 @@ def test_checker_reward_scores_each_response_against_its_prompts_record():
     prompts = [[50, 43, 50], [53, 43, 53]]
     reward = CheckerReward(Chars(), prompts, records)
     q, qm = left_pad([prompts[1], prompts[0], prompts[1]], PAD)
-    r, rm = torch.tensor([[49, 48, STOP], [52, STOP, 0], [57, STOP, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]])
+    r, rm = (
+        torch.tensor([[49, 48, STOP], [52, STOP, 0], [57, STOP, 0]]),
+        torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]]),
+    )
     # "10" right, "4" right, "9" off by one: 0.5 + 0.4 / 2
     torch.testing.assert_close(reward(q, qm, r, rm), torch.tensor([1.0, 1.0, 0.7]))
     with pytest.raises(Exception, match="ppo.reward=checker: prompt record 'x' has no 'task'/'answer'"):
