@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-__all__ = ["FLAT", "rm_vs_checker", "format_markdown"]
+__all__ = ["FLAT", "rm_vs_checker", "format_markdown", "response_class", "pair_accuracy_by_kind", "format_pairs"]
 
 FLAT = 0.02
 """A change in checker accuracy within this (2 points on 200 prompts: 4 answers) counts as flat."""
@@ -144,6 +144,63 @@ def rm_vs_checker(
         "kl_target": kl_target,
         "verdict": verdict,
     }
+
+
+PAIR_TYPES = (
+    "right > near miss",
+    "right > malformed",
+    "near miss > near miss",
+    "near miss > malformed",
+    "malformed > malformed",
+)
+
+
+def response_class(record: dict[str, Any], response: str) -> str:
+    """``right``, ``near miss`` (well-formed but wrong) or ``malformed``, by the checker's score bands."""
+    from pipeline.data.tasks import score_answer
+
+    score = score_answer(record, response)
+    return "right" if score == 1.0 else "near miss" if score >= 0.5 else "malformed"
+
+
+def pair_accuracy_by_kind(groups: list[Any], rewards: list[list[float]]) -> dict[str, dict[str, list[int]]] | None:
+    """Held-out pair accuracy of the reward model per task and per kind of pair (right > near miss, ...).
+
+    Args:
+        groups: ranked ``PreferenceGroup``s; those whose ``meta`` has no ``task``/``answer`` are skipped.
+        rewards: the reward of each response of each group.
+
+    Returns:
+        ``{task: {pair type: [pairs the reward model orders as the ranking does, pairs]}}`` with an ``all``
+        task, or None when no group has a checker.
+    """
+    from pipeline.data.preferences import expand_comparisons
+
+    out: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for g, r in zip(groups, rewards):
+        meta = getattr(g, "meta", None) or {}
+        if not meta.get("task") or meta.get("answer") is None:
+            continue
+        classes = [response_class(meta, text) for text in g.responses]
+        for c in expand_comparisons(g):
+            key = f"{classes[c.winner]} > {classes[c.loser]}"
+            for task in (meta["task"], "all"):
+                out[task][key][0] += int(r[c.winner] > r[c.loser])
+                out[task][key][1] += 1
+    if not out:
+        return None
+    return {t: {k: list(v) for k, v in out[t].items()} for t in sorted(out, key=lambda t: (t == "all", t))}
+
+
+def format_pairs(by_kind: dict[str, dict[str, list[int]]]) -> list[str]:
+    """:func:`pair_accuracy_by_kind` as a markdown table (accuracy and number of pairs per cell)."""
+    types = [t for t in PAIR_TYPES if any(t in row for row in by_kind.values())]
+    types += sorted({k for row in by_kind.values() for k in row} - set(types))
+    lines = ["| task | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
+    for task, row in by_kind.items():
+        cells = [f"{row[t][0] / row[t][1]:.2f} ({row[t][1]})" if t in row and row[t][1] else "-" for t in types]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _pct(x: float | None) -> str:

@@ -177,11 +177,22 @@ def quality_lines(manifests: dict[str, dict[str, Any]], total_wall_s: float) -> 
     lines = ["## Quality bar (held-out prompts, task checker)", "", "| check | value | |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {_mark(ok)} |" for name, value, ok in rows]
     lines.append("")
-    summary = ppo_manifest.get("rm_vs_checker")
-    if summary:
-        from .agreement import format_markdown
+    from .agreement import format_markdown, format_pairs
 
-        lines += ["## Reward model vs checker", ""] + format_markdown(summary)
+    by_kind = manifests.get("reward", {}).get("pair_accuracy_by_kind")
+    summary = ppo_manifest.get("rm_vs_checker")
+    if by_kind or summary:
+        lines += ["## Reward model vs checker", ""]
+    if by_kind:
+        lines += [
+            "Held-out ranked responses: the reward model's pair accuracy by task and by kind of pair, the kinds "
+            "given by the checker (right answer, near miss = well formed but wrong, malformed); (n) pairs.",
+            "",
+            *format_pairs(by_kind),
+            "",
+        ]
+    if summary:
+        lines += format_markdown(summary)
     return lines
 
 

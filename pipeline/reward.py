@@ -373,6 +373,8 @@ class RankingEval:
     """Reward of each prompt's worst response."""
     n_groups: int = 0
     n_pairs: int = 0
+    group_rewards: list[list[float]] = field(default_factory=list)
+    """Reward of every response, per group (for breakdowns such as ``pipeline.agreement.pair_accuracy_by_kind``)."""
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -434,6 +436,7 @@ def ranking_metrics(
         rejected=rejected,
         n_groups=len(groups),
         n_pairs=total,
+        group_rewards=[[float(x) for x in r] for r in rewards],
     )
 
 

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import RewardConfig
 
+from pipeline.agreement import pair_accuracy_by_kind
 from pipeline.data.preferences import PreferenceData, PreferenceGroup, load_preferences
 from pipeline.data.records import BadRecord
 from pipeline.hf_trainer import (  # the Trainer plumbing SFT and reward share
@@ -221,6 +222,7 @@ def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
     rm = AutoModelForSequenceClassification.from_pretrained(str(ctx.dir.artifact)).to(t.device)
     tok = AutoTokenizer.from_pretrained(str(ctx.dir.artifact))
     ev = evaluate_rankings(rm, tok, t.eval, rc.batch_size, rc.margin)
+    by_kind = pair_accuracy_by_kind(t.eval, ev.group_rewards)  # where it disagrees with the task checker
     stats = _normalisation(ctx, _init_dir(ctx), rm, tok, t.train)
     atomic_write_json(ctx.dir.artifact / "reward_stats.json", stats)
     rewards = {"chosen": [round(x, 5) for x in ev.chosen], "rejected": [round(x, 5) for x in ev.rejected]}
@@ -248,6 +250,7 @@ def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
         "data": {**t.data, "eval_groups": ev.n_groups, "eval_pairs": ev.n_pairs},
         "reward_stats": stats,
         "eval_rewards": rewards,
+        "pair_accuracy_by_kind": by_kind,
     }
     return StageResult(metrics=metrics, extra=extra)
 

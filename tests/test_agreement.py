@@ -82,3 +82,29 @@ def test_report_quality_bar_marks_each_check():
     assert "| PPO: KL to the reference within ppo.kl_target | 0.300 (target 6) | met |" in text
     assert "## Reward model vs checker" in text and "**Verdict.**" in text
     assert quality_lines({"sft": {"metrics": {"checker_accuracy": None}}}, 1.0) == []  # no checker: no section
+
+
+def test_reward_pair_accuracy_by_task_and_kind_of_pair():
+    from pipeline.agreement import format_pairs, pair_accuracy_by_kind, response_class
+    from pipeline.data.preferences import PreferenceGroup
+
+    meta = {"task": "add", "answer": "103"}
+    assert [response_class(meta, r) for r in ("103", "101", "The answer is 103.")] == [
+        "right",
+        "near miss",
+        "malformed",
+    ]
+    # ranking: "103" > "101" > "" ; the reward model puts the near miss first
+    add = PreferenceGroup("Add 55 and 48.", ["", "101", "103"], [2, 1, 0], meta=meta)
+    count = PreferenceGroup("Count k i n g.", ["4", "5"], [0, 1], meta={"task": "count", "answer": "4"})
+    hub = PreferenceGroup("hi", ["a", "b"], [0, 1])  # no checker: skipped
+    got = pair_accuracy_by_kind([add, count, hub], [[0.0, 2.0, 1.0], [3.0, 1.0], [0.0, 1.0]])
+    assert got == {
+        "add": {"right > near miss": [0, 1], "right > malformed": [1, 1], "near miss > malformed": [1, 1]},
+        "count": {"right > near miss": [1, 1]},
+        "all": {"right > near miss": [1, 2], "right > malformed": [1, 1], "near miss > malformed": [1, 1]},
+    }
+    lines = format_pairs(got)
+    assert lines[0] == "| task | right > near miss | right > malformed | near miss > malformed |"
+    assert lines[2] == "| add | 0.00 (1) | 1.00 (1) | 1.00 (1) |" and lines[3] == "| count | 1.00 (1) | - | - |"
+    assert pair_accuracy_by_kind([hub], [[0.0, 1.0]]) is None

@@ -161,6 +161,10 @@ def test_micro_pipeline_end_to_end(micro_run):
     summary = ppo.manifest()["rm_vs_checker"]
     assert len(answers) == summary["n"] == 8 and summary["tasks"]["all"]["n"] == 8
     assert summary["tasks"]["all"]["sft_accuracy"] == ppo.manifest()["metrics"]["sft_checker_accuracy"]
+    by_kind = StageDir.of(cfg.run_dir, "reward").manifest()["pair_accuracy_by_kind"]
+    n_pairs = sum(n for _, n in by_kind["all"].values())
+    assert n_pairs == StageDir.of(cfg.run_dir, "reward").manifest()["data"]["eval_pairs"]
+    assert "| task | right > near miss |" in text
 
 
 _FRESH = """
