@@ -29,6 +29,7 @@ import yaml
 from pipeline.config import load_config
 from pipeline.lineage import all_fingerprints, stage_inputs
 from pipeline.runs import STAGES, StageDir
+from tests.helpers_launch import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_METRICS = {
@@ -54,13 +55,7 @@ MICRO = {
     "ppo": {"steps": 4, "rollout_batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8,
             "max_prompt_length": 32, "eval_interval": 2, "n_eval_prompts": 8, "ckpt_interval": 2, "n_samples": 3},
 }  # fmt: skip
-ENV = {
-    **os.environ,
-    "PIPELINE_PROGRESS": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_NUM_THREADS": "1",
-}
+ENV = child_env(PIPELINE_PROGRESS="0")
 
 
 def _micro_config(folder: Path) -> Path:

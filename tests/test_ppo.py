@@ -28,6 +28,7 @@ from pipeline.rl.rollout import (
 )
 from pipeline.rl.trainer import PPOInterrupted, PPOTrainer
 from pipeline.runs import StageDir
+from tests.helpers_launch import child_env
 
 V, PAD, STOP, TARGET = 16, 0, 1, 7
 
@@ -429,9 +430,7 @@ def _launch(tmp_path, launch, args, name):
         "stages.ppo",
         *args,
     ]
-    # in-process Accelerators of earlier tests leave ACCELERATE_USE_CPU=true behind: the launcher decides, not them
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = child_env()  # without the launcher state earlier in-process tests leave behind
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from pipeline.config import PretrainConfig, load_config
 from pipeline.pretrain import lr_at, resolve_model_config
 from pipeline.runs import StageDir, StageError
+from tests.helpers_launch import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -38,7 +39,7 @@ pretrain: {{batch_size: 4, max_steps: {steps}, eval_interval: 10, eval_iters: 2,
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PIPELINE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return child_env(PIPELINE_PROGRESS="0")
 
 
 def _text() -> Path:
@@ -242,7 +243,11 @@ def test_ddp_two_processes_matches_one_process(tmp_path, tokenized):
 def _kill_tree(pid: int) -> None:
     import psutil
 
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:  # already gone (the caller checks why)
+        return
     for proc in procs:
         try:
             proc.kill()
@@ -274,8 +279,10 @@ def test_deepspeed_zero2_two_processes_checkpoints_and_resumes(tmp_path, tokeniz
     deadline = time.time() + 300
     while time.time() < deadline and not any(s >= 5 for s, _ in sd.list_checkpoints()) and p.poll() is None:
         time.sleep(0.1)
+    exited = p.poll()
     _kill_tree(p.pid)  # the launcher and both workers, as a power loss would
     _, err = p.communicate(timeout=60)
+    assert exited is None, f"the launcher exited ({exited}) before it was killed:\n{err[-3000:]}"
     assert any(s >= 5 for s, _ in sd.list_checkpoints()), err[-3000:]
     assert not sd.manifest_path.exists()
     r = _launch(cfg, "zero2.yaml", 2)

@@ -36,6 +36,7 @@ from pipeline.reward import (
     reward_stats,
     score_texts,
 )
+from tests.helpers_launch import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -358,7 +359,7 @@ def test_stage_killed_mid_run_resumes_to_the_same_weights(tmp_path, monkeypatch)
 @pytest.mark.slow
 def test_stage_sigterm_then_sigkill_then_resume_in_a_subprocess(tmp_path):
     overrides = _setup(tmp_path, steps=400, extra=("reward.save_steps=50",))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env()
     cmd = [sys.executable, "-m", "stages.reward", *overrides]
     rd = tmp_path / "runs" / "t" / "reward"
 
@@ -393,7 +394,7 @@ def test_stage_sigterm_then_sigkill_then_resume_in_a_subprocess(tmp_path):
 @pytest.mark.parametrize("launch", ["ddp.yaml", "zero2.yaml", "zero3.yaml"])
 def test_stage_two_processes(tmp_path, launch):
     overrides = _setup(tmp_path, steps=40)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
            "--config_file", f"configs/accelerate/{launch}", "-m", "stages.reward", *overrides]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -25,6 +25,7 @@ from pipeline.sft import (
     tokenize_examples,
 )
 from tests.helpers_artifacts import make_fake_upstream, make_tiny_lm, make_tokenizer
+from tests.helpers_launch import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERSATION = [
@@ -433,7 +434,7 @@ def _launch_cmd(accel: str) -> list[str]:
 
 
 def _launch_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return child_env()
 
 
 @pytest.mark.slow
