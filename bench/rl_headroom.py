@@ -12,6 +12,7 @@ temperature 1 from the SFT model plus its greedy answer:
   sample above a wrong one (0.5 is chance).
 
     python bench/rl_headroom.py runs/tiny/sft/artifact runs/tiny/reward/artifact --samples 8
+    python bench/rl_headroom.py SFT RM --config configs/tiny.yaml data.tasks.max_operand=19   # other tasks
 
 Prints one table row per task kind (markdown) for bench/RESULTS.md.
 """
@@ -33,17 +34,19 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--config", default="configs/tiny.yaml", help="run config whose data.tasks made the models")
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.tasks.max_operand=19")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.config import TasksConfig
+    from pipeline.config import load_config
     from pipeline.data.tasks import check_answer, generate_tasks
     from pipeline.evaluate import generate_responses
     from pipeline.reward import load_reward_model, score_texts
 
-    records = generate_tasks(TasksConfig()).ppo_eval[: a.n]
+    records = generate_tasks(load_config(a.config, a.overrides).data.tasks).ppo_eval[: a.n]
     tok = AutoTokenizer.from_pretrained(a.sft)
     policy = AutoModelForCausalLM.from_pretrained(a.sft).eval()
     rm, rm_tok = load_reward_model(a.reward)
