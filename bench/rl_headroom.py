@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--config", default="configs/tiny.yaml", help="run config whose data.tasks made the models")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.tasks.max_operand=19")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()
     torch.set_num_threads(a.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
