@@ -27,7 +27,15 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-__all__ = ["FLAT", "rm_vs_checker", "format_markdown", "response_class", "pair_accuracy_by_kind", "format_pairs"]
+__all__ = [
+    "FLAT",
+    "rm_vs_checker",
+    "format_markdown",
+    "response_class",
+    "pair_accuracy_by_kind",
+    "format_pairs",
+    "markdown_cell",
+]
 
 FLAT = 0.02
 """A change in checker accuracy within this (2 points on 200 prompts: 4 answers) counts as flat."""
@@ -211,8 +219,13 @@ def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def markdown_cell(text: Any, width: int = 160, empty: str = "") -> str:
+    """``text`` as one markdown table cell: pipes escaped, newlines shown as ⏎, at most ``width`` characters."""
+    return str(text).replace("|", "\\|").replace("\n", " ⏎ ")[:width] or empty
+
+
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ⏎ ")[:80] or "(empty)"
+    return markdown_cell(text, width=80, empty="(empty)")
 
 
 def format_markdown(summary: dict[str, Any]) -> list[str]:

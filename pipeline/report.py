@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .agreement import format_markdown, format_pairs, markdown_cell
 from .config import RunConfig
 from .orchestrate import KEY_METRICS, format_value, run_status
 from .runs import STAGES, StageDir
@@ -119,10 +120,6 @@ def sample_answers(
     return {"prompts": prompts, "answers": answers}
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ⏎ ")[:160]
-
-
 def _throughput(manifest: dict[str, Any]) -> str:
     m = manifest.get("metrics", {})
     found = [
@@ -177,8 +174,6 @@ def quality_lines(manifests: dict[str, dict[str, Any]], total_wall_s: float) -> 
     lines = ["## Quality bar (held-out prompts, task checker)", "", "| check | value | |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {_mark(ok)} |" for name, value, ok in rows]
     lines.append("")
-    from .agreement import format_markdown, format_pairs
-
     by_kind = manifests.get("reward", {}).get("pair_accuracy_by_kind")
     summary = ppo_manifest.get("rm_vs_checker")
     if by_kind or summary:
@@ -228,7 +223,9 @@ def write_report(cfg: RunConfig, samples: bool = True, n_samples: int = 5) -> Pa
         lines += ["## Sample answers (greedy, held-out prompts)", ""]
         lines += ["| prompt | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
         for i, p in enumerate(got["prompts"]):
-            lines.append(f"| {_cell(p)} | " + " | ".join(_cell(got["answers"][s][i]) for s in stages) + " |")
+            lines.append(
+                f"| {markdown_cell(p)} | " + " | ".join(markdown_cell(got["answers"][s][i]) for s in stages) + " |"
+            )
         lines.append("")
     lines += quality_lines(manifests, total)
     if "export" in manifests:
