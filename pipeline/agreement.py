@@ -31,7 +31,6 @@ __all__ = [
     "FLAT",
     "rm_vs_checker",
     "format_markdown",
-    "response_class",
     "pair_accuracy_by_kind",
     "format_pairs",
     "markdown_cell",
@@ -163,14 +162,6 @@ PAIR_TYPES = (
 )
 
 
-def response_class(record: dict[str, Any], response: str) -> str:
-    """``right``, ``near miss`` (well-formed but wrong) or ``malformed``, by the checker's score bands."""
-    from pipeline.data.tasks import score_answer
-
-    score = score_answer(record, response)
-    return "right" if score == 1.0 else "near miss" if score >= 0.5 else "malformed"
-
-
 def pair_accuracy_by_kind(groups: list[Any], rewards: list[list[float]]) -> dict[str, dict[str, list[int]]] | None:
     """Held-out pair accuracy of the reward model per task and per kind of pair (right > near miss, ...).
 
@@ -183,6 +174,7 @@ def pair_accuracy_by_kind(groups: list[Any], rewards: list[list[float]]) -> dict
         task, or None when no group has a checker.
     """
     from pipeline.data.preferences import expand_comparisons
+    from pipeline.data.tasks import response_class
 
     out: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for g, r in zip(groups, rewards):

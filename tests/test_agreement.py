@@ -85,8 +85,9 @@ def test_report_quality_bar_marks_each_check():
 
 
 def test_reward_pair_accuracy_by_task_and_kind_of_pair():
-    from pipeline.agreement import format_pairs, pair_accuracy_by_kind, response_class
+    from pipeline.agreement import format_pairs, pair_accuracy_by_kind
     from pipeline.data.preferences import PreferenceGroup
+    from pipeline.data.tasks import response_class
 
     meta = {"task": "add", "answer": "103"}
     assert [response_class(meta, r) for r in ("103", "101", "The answer is 103.")] == [

@@ -66,6 +66,7 @@ __all__ = [
     "generate_tasks",
     "check_answer",
     "score_answer",
+    "response_class",
     "answer_format",
     "to_pairs",
     "write_jsonl",
@@ -209,6 +210,17 @@ def score_answer(record: dict[str, Any], response: str) -> float:
         return 1.0
     span = _WRONG_BASE + _WRONG_SPAN if fmt == "text" else _MALFORMED_SPAN
     return span * SequenceMatcher(None, got, want, autojunk=False).ratio()
+
+
+def response_class(record: dict[str, Any], response: str) -> str:
+    """``right``, ``near miss`` (well-formed but wrong) or ``malformed``, by :func:`score_answer`'s bands.
+
+    >>> rec = {"task": "add", "answer": "103"}
+    >>> [response_class(rec, r) for r in ("103", "101", "The answer is 103.")]
+    ['right', 'near miss', 'malformed']
+    """
+    score = score_answer(record, response)
+    return "right" if score == 1.0 else "near miss" if score >= _WRONG_BASE else "malformed"
 
 
 # ----------------------------------------------------------------------------- candidates
