@@ -13,6 +13,8 @@ from pipeline.config import RunConfig, load_config
 from pipeline.lineage import all_fingerprints, stage_inputs
 from pipeline.runs import StageDir
 
+from . import _METRICS as _STAGE_METRICS
+
 SPECIAL = ["<|endoftext|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}{{ m['content'] }}<|end|>"
@@ -47,13 +49,7 @@ def make_model(tok: PreTrainedTokenizerFast, seed: int = 0, n_positions: int = 6
     return GPT2LMHeadModel(cfg).eval()
 
 
-_METRICS = {
-    "tokenizer": {"vocab_size": 320},
-    "pretrain": {"train_loss": 2.5, "val_loss": 2.6, "tokens": 1000, "tokens_per_s": 10.0},
-    "sft": {"train_loss": 1.5, "val_loss": 1.6, "checker_accuracy": 0.5},
-    "reward": {"pair_accuracy": 0.75},
-    "ppo": {"reward_mean": 0.3, "sft_reward_mean": 0.1, "kl": 0.02, "checker_accuracy": 0.6},
-}
+_METRICS = {**_STAGE_METRICS, "tokenizer": {"vocab_size": 320}}  # the fake stages' metrics; this tokenizer has 320
 
 
 def make_fake_run(
