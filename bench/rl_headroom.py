@@ -14,13 +14,13 @@ temperature 1 from the SFT model plus its greedy answer:
     python bench/rl_headroom.py runs/tiny/sft/artifact runs/tiny/reward/artifact --samples 8
     python bench/rl_headroom.py SFT RM --config configs/tiny.yaml data.tasks.max_operand=19   # other tasks
 
-Prints one table row per task kind (markdown) for bench/RESULTS.md.
+Prints one table row per task kind (markdown) for bench/RESULTS.md. The reward stage runs the same check
+(:func:`pipeline.agreement.best_of_k`) on its held-out prompts and the run report shows it.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 import torch
 
@@ -30,7 +30,13 @@ def main() -> None:
     ap.add_argument("sft", help="SFT model folder (runs/<run>/sft/artifact)")
     ap.add_argument("reward", help="reward model folder (runs/<run>/reward/artifact)")
     ap.add_argument("--samples", type=int, default=8, help="samples per prompt (k)")
-    ap.add_argument("--n", type=int, default=200, help="held-out prompts")
+    ap.add_argument("--n", type=int, default=200, help="prompts")
+    ap.add_argument(
+        "--split",
+        choices=("ppo_eval", "ppo_train"),
+        default="ppo_eval",
+        help="held-out prompts (what the report measures) or PPO's training prompts (what PPO optimises on)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
@@ -41,12 +47,13 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline.agreement import best_of_k, format_best_of_k
     from pipeline.config import load_config
-    from pipeline.data.tasks import check_answer, generate_tasks
+    from pipeline.data.tasks import generate_tasks
     from pipeline.evaluate import generate_responses
     from pipeline.reward import load_reward_model, score_texts
 
-    records = generate_tasks(load_config(a.config, a.overrides).data.tasks).ppo_eval[: a.n]
+    records = getattr(generate_tasks(load_config(a.config, a.overrides).data.tasks), a.split)[: a.n]
     tok = AutoTokenizer.from_pretrained(a.sft)
     policy = AutoModelForCausalLM.from_pretrained(a.sft).eval()
     rm, rm_tok = load_reward_model(a.reward)
@@ -59,37 +66,10 @@ def main() -> None:
     )
     scores = score_texts(rm, rm_tok, many, sampled, 200).tolist()
 
-    acc: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for i, rec in enumerate(records):
-        ok = [check_answer(rec, r) for r in sampled[i * k : (i + 1) * k]]
-        sc = scores[i * k : (i + 1) * k]
-        for key in (rec["task"], "all"):
-            s = acc[key]
-            s["n"] += 1
-            s["greedy"] += check_answer(rec, greedy[i])
-            s["sampled"] += sum(ok) / k
-            s["pass"] += any(ok)
-            s["best"] += ok[max(range(k), key=lambda j: sc[j])]
-            right = [x for x, o in zip(sc, ok) if o]
-            wrong = [x for x, o in zip(sc, ok) if not o]
-            s["auc_pairs"] += len(right) * len(wrong)
-            s["auc_wins"] += sum((g > b) + 0.5 * (g == b) for g in right for b in wrong)
-            s["mixed"] += bool(right and wrong)
-
-    print(
-        f"| task | n | greedy | sampled | pass@{k} | headroom (pass@{k} - greedy) | rm_best_of_{k} | rm_auc (prompts) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for task in sorted(acc, key=lambda t: (t == "all", t)):
-        s = acc[task]
-        n = s["n"]
-        auc = (
-            f"{s['auc_wins'] / s['auc_pairs']:.3f} ({int(s['mixed'])})" if s["auc_pairs"] else f"- ({int(s['mixed'])})"
-        )
-        print(
-            f"| {task} | {int(n)} | {s['greedy'] / n:.3f} | {s['sampled'] / n:.3f} | {s['pass'] / n:.3f} | "
-            f"{(s['pass'] - s['greedy']) / n:+.3f} | {s['best'] / n:.3f} | {auc} |"
-        )
+    table = best_of_k(records, greedy, sampled, scores, k)
+    if table is None:
+        raise SystemExit("no prompt has a task checker")
+    print("\n".join(format_best_of_k(table, k)))
 
 
 if __name__ == "__main__":

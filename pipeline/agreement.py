@@ -12,6 +12,12 @@ greedily by the SFT model and by the PPO policy, this module compares the two ju
   scores the right one higher, with examples where it does not;
 - a verdict: reward up with checker accuracy flat or down means PPO exploited the reward model.
 
+Before PPO, :func:`best_of_k` predicts whether optimising the reward model can raise checker accuracy at
+all: on held-out prompts, it compares the SFT model's greedy accuracy with the accuracy of the sample the
+reward model prefers among ``k`` (best-of-k) and with pass@k (some sample right). PPO moves the policy
+toward what the reward model prefers; when its best-of-k is not above greedy accuracy, PPO has no
+reward-model-visible gain to find, and checker accuracy is expected to fall as the policy moves.
+
 Usage::
 
     summary = rm_vs_checker(answers, kl=0.23, kl_target=6.0)
@@ -33,6 +39,8 @@ __all__ = [
     "format_markdown",
     "pair_accuracy_by_kind",
     "format_pairs",
+    "best_of_k",
+    "format_best_of_k",
     "markdown_cell",
 ]
 
@@ -200,6 +208,90 @@ def format_pairs(by_kind: dict[str, dict[str, list[int]]]) -> list[str]:
     for task, row in by_kind.items():
         cells = [f"{row[t][0] / row[t][1]:.2f} ({row[t][1]})" if t in row and row[t][1] else "-" for t in types]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def best_of_k(
+    records: list[dict[str, Any]], greedy: list[str], samples: list[str], scores: list[float], k: int
+) -> dict[str, dict[str, float | int]] | None:
+    """Per task: greedy, sampled and pass@k accuracy of a policy, and what the reward model picks.
+
+    Args:
+        records: prompts with a checker (``task``, ``answer``); others are skipped.
+        greedy: the policy's greedy answer to each record.
+        samples: ``k`` sampled answers per record, record by record.
+        scores: the reward model's score of each sample.
+        k: samples per record.
+
+    Returns:
+        ``{task: {"n", "greedy", "sampled", "pass_at_k", "rm_best_of_k", "rm_auc", "auc_prompts"}}`` with an
+        ``all`` row (accuracies are shares; ``rm_best_of_k`` is the checker accuracy of each prompt's
+        highest-scored sample; ``rm_auc`` how often a right sample outscores a wrong one of the same prompt,
+        ties half, over the ``auc_prompts`` prompts that have both, None without such prompts), or None
+        when no record has a checker.
+    """
+    from pipeline.data.tasks import check_answer
+
+    if len(greedy) != len(records) or len(samples) != len(records) * k or len(scores) != len(samples):
+        raise ValueError(
+            f"best_of_k: {len(records)} records need {len(records)} greedy answers and {len(records) * k} samples "
+            f"and scores (k={k}); got {len(greedy)}, {len(samples)} and {len(scores)}"
+        )
+    acc: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for i, rec in enumerate(records):
+        if not rec.get("task") or rec.get("answer") is None:
+            continue
+        ok = [check_answer(rec, r) for r in samples[i * k : (i + 1) * k]]
+        sc = scores[i * k : (i + 1) * k]
+        right = [x for x, o in zip(sc, ok) if o]
+        wrong = [x for x, o in zip(sc, ok) if not o]
+        for task in (rec["task"], "all"):
+            a = acc[task]
+            a["n"] += 1
+            a["greedy"] += check_answer(rec, greedy[i])
+            a["sampled"] += sum(ok) / k
+            a["pass_at_k"] += any(ok)
+            a["rm_best_of_k"] += ok[max(range(k), key=lambda j: sc[j])]  # first of equal maxima
+            a["auc_pairs"] += len(right) * len(wrong)
+            a["auc_wins"] += sum((g > b) + 0.5 * (g == b) for g in right for b in wrong)
+            a["auc_prompts"] += bool(right and wrong)
+    if not acc:
+        return None
+    out: dict[str, dict[str, float | int]] = {}
+    for task in sorted(acc, key=lambda t: (t == "all", t)):
+        a = acc[task]
+        n = int(a["n"])
+        row: dict[str, Any] = {m: a[m] / n for m in ("greedy", "sampled", "pass_at_k", "rm_best_of_k")}
+        row["rm_auc"] = a["auc_wins"] / a["auc_pairs"] if a["auc_pairs"] else None
+        out[task] = {"n": n, **row, "auc_prompts": int(a["auc_prompts"])}
+    return out
+
+
+def format_best_of_k(table: dict[str, dict[str, Any]], k: int) -> list[str]:
+    """:func:`best_of_k` as a markdown table and a one-line reading of its ``all`` row."""
+    lines = [
+        f"| task | n | greedy | sampled | pass@{k} | reward model's best of {k} | right-vs-wrong AUC (prompts) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for task, r in table.items():
+        auc = "-" if r["rm_auc"] is None else f"{r['rm_auc']:.3f}"
+        lines.append(
+            f"| {task} | {r['n']} | {r['greedy']:.3f} | {r['sampled']:.3f} | {r['pass_at_k']:.3f} | "
+            f"{r['rm_best_of_k']:.3f} | {auc} ({r['auc_prompts']}) |"
+        )
+    a = table["all"]
+    gain = a["rm_best_of_k"] - a["greedy"]
+    reading = (
+        "It is above the greedy answers: there is a gain the reward model can see."
+        if gain > FLAT
+        else "It is not above the greedy answers, so optimising the reward model is expected to lower checker accuracy."
+    )
+    lines += [
+        "",
+        f"The reward model's pick among {k} samples is right {_pct(a['rm_best_of_k'])} of the time against "
+        f"{_pct(a['greedy'])} for the greedy answer ({gain * 100:+.1f} points; pass@{k} {_pct(a['pass_at_k'])}). "
+        + reading,
+    ]
     return lines
 
 

@@ -384,10 +384,17 @@ class RewardStageConfig:
     norm_samples: int = 256
     """Number of SFT-policy samples on training prompts used for the reward mean/std."""
     norm_max_new_tokens: int = 32
+    best_of_k: int = 8
+    """Samples per held-out prompt for the best-of-k check (held-out records with a task checker only;
+    0 skips it): greedy, pass@k and the reward model's best-of-k accuracy of the SFT policy."""
+    best_of_k_prompts: int = 200
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         problems = []
+        for k in ("best_of_k", "best_of_k_prompts"):
+            if getattr(self, k) < 0:
+                problems.append(f"reward.{k} must be >= 0, got {getattr(self, k)}")
         for k in (
             "batch_size",
             "grad_accum",

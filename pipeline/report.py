@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .agreement import format_markdown, format_pairs, markdown_cell
+from .agreement import format_best_of_k, format_markdown, format_pairs, markdown_cell
 from .config import RunConfig
 from .orchestrate import KEY_METRICS, format_value, run_status
 from .runs import STAGES, StageDir
@@ -175,8 +175,9 @@ def quality_lines(manifests: dict[str, dict[str, Any]], total_wall_s: float) -> 
     lines += [f"| {name} | {value} | {_mark(ok)} |" for name, value, ok in rows]
     lines.append("")
     by_kind = manifests.get("reward", {}).get("pair_accuracy_by_kind")
+    bok = manifests.get("reward", {}).get("best_of_k")
     summary = ppo_manifest.get("rm_vs_checker")
-    if by_kind or summary:
+    if by_kind or bok or summary:
         lines += ["## Reward model vs checker", ""]
     if by_kind:
         lines += [
@@ -184,6 +185,16 @@ def quality_lines(manifests: dict[str, dict[str, Any]], total_wall_s: float) -> 
             "given by the checker (right answer, near miss = well formed but wrong, malformed); (n) pairs.",
             "",
             *format_pairs(by_kind),
+            "",
+        ]
+    if bok:
+        lines += [
+            f"Before PPO: the SFT model's answers to held-out prompts of the reward data, greedy and {bok['k']} "
+            "samples each; the checker's accuracy of the greedy answer, of the samples, of any sample (pass@k), "
+            "and of the sample the reward model scores highest. PPO moves the policy toward what the reward model "
+            "prefers, so its best-of-k against greedy accuracy bounds what PPO can gain.",
+            "",
+            *format_best_of_k(bok["tasks"], bok["k"]),
             "",
         ]
     if summary:

@@ -21,9 +21,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import RewardConfig
 
-from pipeline.agreement import pair_accuracy_by_kind
+from pipeline.agreement import best_of_k, pair_accuracy_by_kind
 from pipeline.data.preferences import PreferenceData, PreferenceGroup, load_preferences
 from pipeline.data.records import BadRecord
+from pipeline.evaluate import generate_responses
 from pipeline.hf_trainer import (  # the Trainer plumbing SFT and reward share
     CheckpointMarker,
     checkpoint_step,
@@ -138,12 +139,38 @@ def _normalisation(ctx: StageContext, init_dir: str, rm: Any, tok: Any, groups: 
         flat = [(g.prompt, r) for g in groups for r in g.responses][: rc.norm_samples]
         rewards = score_texts(rm, tok, [p for p, _ in flat], [r for _, r in flat], rc.batch_size)
         return {**reward_stats(rewards), "source": "train_responses"}
-    policy = AutoModelForCausalLM.from_pretrained(init_dir, trust_remote_code=rc.trust_remote_code)
-    if policy.get_input_embeddings().num_embeddings < len(tok):
-        policy.resize_token_embeddings(len(tok))
-    policy.to(next(rm.parameters()).device)
+    policy = _load_policy(ctx, init_dir, rm, tok)
     stats = policy_reward_stats(policy, rm, tok, prompts, rc.norm_max_new_tokens, rc.batch_size, seed)
     return {**stats, "source": "sft_samples"}
+
+
+def _load_policy(ctx: StageContext, init_dir: str, rm: Any, tok: Any) -> Any:
+    """The SFT model the reward model starts from, as the policy PPO will start from."""
+    policy = AutoModelForCausalLM.from_pretrained(init_dir, trust_remote_code=ctx.cfg.reward.trust_remote_code)
+    if policy.get_input_embeddings().num_embeddings < len(tok):
+        policy.resize_token_embeddings(len(tok))
+    return policy.to(next(rm.parameters()).device).eval()
+
+
+def _best_of_k(ctx: StageContext, init_dir: str, rm: Any, tok: Any, groups: list[PreferenceGroup]) -> dict | None:
+    """:func:`pipeline.agreement.best_of_k` of the SFT policy on held-out prompts that have a checker."""
+    rc = ctx.cfg.reward
+    records = {}
+    for g in groups:
+        if isinstance(g.prompt, str) and g.meta.get("task") and g.meta.get("answer") is not None:
+            records.setdefault(g.prompt, {"prompt": g.prompt, "task": g.meta["task"], "answer": g.meta["answer"]})
+    recs = list(records.values())[: rc.best_of_k_prompts]
+    if not recs or not rc.best_of_k:
+        return None
+    k, prompts = rc.best_of_k, [r["prompt"] for r in recs]
+    policy = _load_policy(ctx, init_dir, rm, tok)
+    greedy = generate_responses(policy, tok, prompts, rc.norm_max_new_tokens, batch_size=rc.batch_size)
+    many = [p for p in prompts for _ in range(k)]
+    samples = generate_responses(
+        policy, tok, many, rc.norm_max_new_tokens, batch_size=rc.batch_size, do_sample=True, seed=ctx.cfg.run.seed
+    )
+    scores = score_texts(rm, tok, many, samples, rc.batch_size).tolist()
+    return best_of_k(recs, greedy, samples, scores, k)
 
 
 @dataclass
@@ -224,6 +251,11 @@ def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
     ev = evaluate_rankings(rm, tok, t.eval, rc.batch_size, rc.margin)
     by_kind = pair_accuracy_by_kind(t.eval, ev.group_rewards)  # where it disagrees with the task checker
     stats = _normalisation(ctx, _init_dir(ctx), rm, tok, t.train)
+    bok = _best_of_k(ctx, _init_dir(ctx), rm, tok, t.eval)  # can PPO on this reward model gain at all?
+    if bok:
+        a = bok["all"]
+        log.info("reward: SFT policy on %d held-out prompts: greedy %.3f, pass@%d %.3f, reward model's best of %d %.3f",
+                 a["n"], a["greedy"], rc.best_of_k, a["pass_at_k"], rc.best_of_k, a["rm_best_of_k"])  # fmt: skip
     atomic_write_json(ctx.dir.artifact / "reward_stats.json", stats)
     rewards = {"chosen": [round(x, 5) for x in ev.chosen], "rejected": [round(x, 5) for x in ev.rejected]}
     atomic_write_json(ctx.dir.artifact / "eval_rewards.json", rewards)
@@ -251,6 +283,7 @@ def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
         "reward_stats": stats,
         "eval_rewards": rewards,
         "pair_accuracy_by_kind": by_kind,
+        "best_of_k": {"k": rc.best_of_k, "tasks": bok} if bok else None,
     }
     return StageResult(metrics=metrics, extra=extra)
 

@@ -109,3 +109,39 @@ def test_reward_pair_accuracy_by_task_and_kind_of_pair():
     assert lines[0] == "| task | right > near miss | right > malformed | near miss > malformed |"
     assert lines[2] == "| add | 0.00 (1) | 1.00 (1) | 1.00 (1) |" and lines[3] == "| count | 1.00 (1) | - | - |"
     assert pair_accuracy_by_kind([hub], [[0.0, 1.0]]) is None
+
+
+def test_best_of_k_counts_what_the_reward_model_picks():
+    import pytest
+
+    from pipeline.agreement import best_of_k, format_best_of_k
+
+    records = [
+        {"prompt": "What is 2 + 2?", "task": "add", "answer": "4"},
+        {"prompt": "Reverse a b.", "task": "reverse", "answer": "b a"},
+        {"prompt": "hub", "answer": "x"},  # no task: no checker, skipped
+    ]
+    greedy = ["4", "a b", "x"]
+    samples = ["4", "5", "5", "b a", "a b", "b a", "x", "x", "x"]  # k = 3
+    scores = [1.0, 2.0, 1.0, 0.5, 0.5, 0.1, 0, 0, 0]  # add: the RM prefers "5"; reverse: a tie between right and wrong
+    got = best_of_k(records, greedy, samples, scores, 3)
+    assert list(got) == ["add", "reverse", "all"]
+    assert got["add"] == {
+        "n": 1, "greedy": 1.0, "sampled": 1 / 3, "pass_at_k": 1.0, "rm_best_of_k": 0.0, "rm_auc": 0.25,
+        "auc_prompts": 1,
+    }  # fmt: skip
+    # add: the right 1.0 against the wrong 2.0 (a loss) and 1.0 (a tie, half a win): 0.25.
+    # reverse: right samples 0.5 and 0.1 against a wrong 0.5: a tie (0.5) and a loss (0); best of k: the first
+    # of the tied maxima, "b a", right
+    assert got["reverse"]["rm_auc"] == 0.25 and got["reverse"]["rm_best_of_k"] == 1.0
+    assert got["all"]["n"] == 2 and got["all"]["greedy"] == 0.5 and got["all"]["rm_best_of_k"] == 0.5
+    assert got["all"]["rm_auc"] == (0.5 + 0.5) / (2 + 2) and got["all"]["auc_prompts"] == 2
+    lines = format_best_of_k(got, 3)
+    assert lines[2].startswith("| add | 1 | 1.000 | 0.333 | 1.000 | 0.000 | 0.250 (1) |")
+    assert "50.0% of the time against 50.0%" in lines[-1] and "expected to lower checker accuracy" in lines[-1]
+    better = best_of_k(records[:1], ["5"], ["4", "5", "6"], [3.0, 1.0, 0.0], 3)
+    assert better["all"]["rm_best_of_k"] == 1.0 and better["all"]["greedy"] == 0.0
+    assert "a gain the reward model can see" in format_best_of_k(better, 3)[-1]
+    assert best_of_k(records[2:], ["x"], ["x"] * 3, [0.0] * 3, 3) is None
+    with pytest.raises(ValueError, match="3 records need 3 greedy answers and 9 samples"):
+        best_of_k(records, greedy, samples[:-1], scores, 3)

@@ -160,6 +160,22 @@ def test_micro_pipeline_end_to_end(micro_run):
     n_pairs = sum(n for _, n in by_kind["all"].values())
     assert n_pairs == StageDir.of(cfg.run_dir, "reward").manifest()["data"]["eval_pairs"]
     assert "| task | right > near miss |" in text
+    # before PPO: the SFT policy's greedy, pass@k and the reward model's best-of-k on held-out reward prompts
+    reward_manifest = StageDir.of(cfg.run_dir, "reward").manifest()
+    bok = reward_manifest["best_of_k"]
+    n_prompts = len({g["prompt"] for g in _held_out_reward_prompts(cfg)})
+    assert bok["k"] == 8 and bok["tasks"]["all"]["n"] == n_prompts
+    for row in bok["tasks"].values():
+        assert (
+            0 <= row["greedy"] <= 1 and row["sampled"] <= row["pass_at_k"] and row["rm_best_of_k"] <= row["pass_at_k"]
+        )
+    assert f"| all | {n_prompts} | " in text and "The reward model's pick among 8 samples" in text
+
+
+def _held_out_reward_prompts(cfg):
+    from pipeline.data.tasks import generate_tasks
+
+    return generate_tasks(cfg.data.tasks).reward_eval
 
 
 _FRESH = """
