@@ -13,6 +13,7 @@ kind       prompt                                  answer
 add        What is 23 + 45?                        68
 spell      Spell the word king.                    k i n g
 reverse    Reverse k i n g.                        g n i k
+sort       Sort the letters k i n g.               g i k n
 count      How many letters are in k i n g?        4
 =========  ======================================  ===========
 
@@ -117,6 +118,13 @@ FAMILIES: dict[str, _Family] = {
         ("Reverse {s}.", "Reverse the letters {s}.", "Write {s} backwards."),
         "words",
         lambda it: _spaced(reversed(it[0])),
+    ),
+    # Not in the default kinds: a wrong order shows in one adjacent pair, so a reward model checks it more
+    # easily than the policy produces it (measured in data_cards/generated-tasks-sft.md).
+    "sort": _Family(
+        ("Sort the letters {s}.", "Put {s} in alphabetical order.", "Sort {s} from a to z."),
+        "words",
+        lambda it: _spaced(sorted(it[0])),
     ),
     "count": _Family(
         ("How many letters are in {s}?", "Count the letters in {s}.", "How many letters does {s} have?"),
@@ -249,7 +257,7 @@ def _near_misses(kind: str, answer: str, rng: random.Random) -> list[str]:
             _spaced(letters[: i + 1] + letters[i:]),
             _spaced(replaced),
         ]
-        if kind in ("reverse", "spell"):
+        if kind in ("reverse", "spell", "sort"):
             out.append(_spaced(reversed(letters)))  # the other direction
     rng.shuffle(out)
     return [o for o in out if o != answer and answer_format(o) == answer_format(answer)]
