@@ -41,6 +41,7 @@ __all__ = [
     "format_pairs",
     "best_of_k",
     "format_best_of_k",
+    "best_of_k_reading",
     "markdown_cell",
 ]
 
@@ -279,20 +280,22 @@ def format_best_of_k(table: dict[str, dict[str, Any]], k: int) -> list[str]:
             f"| {task} | {r['n']} | {r['greedy']:.3f} | {r['sampled']:.3f} | {r['pass_at_k']:.3f} | "
             f"{r['rm_best_of_k']:.3f} | {auc} ({r['auc_prompts']}) |"
         )
-    a = table["all"]
-    gain = a["rm_best_of_k"] - a["greedy"]
+    return [*lines, "", best_of_k_reading(table["all"], k)]
+
+
+def best_of_k_reading(row: dict[str, Any], k: int) -> str:
+    """One sentence on a :func:`best_of_k` row: is the reward model's pick better than the greedy answer?"""
+    gain = row["rm_best_of_k"] - row["greedy"]
     reading = (
         "It is above the greedy answers: there is a gain the reward model can see."
         if gain > FLAT
         else "It is not above the greedy answers, so optimising the reward model is expected to lower checker accuracy."
     )
-    lines += [
-        "",
-        f"The reward model's pick among {k} samples is right {_pct(a['rm_best_of_k'])} of the time against "
-        f"{_pct(a['greedy'])} for the greedy answer ({gain * 100:+.1f} points; pass@{k} {_pct(a['pass_at_k'])}). "
-        + reading,
-    ]
-    return lines
+    return (
+        f"The reward model's pick among {k} samples is right {_pct(row['rm_best_of_k'])} of the time against "
+        f"{_pct(row['greedy'])} for the greedy answer ({gain * 100:+.1f} points; pass@{k} {_pct(row['pass_at_k'])}). "
+        + reading
+    )
 
 
 def _pct(x: float | None) -> str:

@@ -13,11 +13,13 @@ A killed run started again resumes from the newest complete checkpoint; a finish
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from pipeline.agreement import rm_vs_checker
+from pipeline.agreement import FLAT, best_of_k_reading, rm_vs_checker
 from pipeline.data.prompts import load_prompts
 from pipeline.data.tasks import write_jsonl
 from pipeline.hf_trainer import context_length
@@ -36,6 +38,20 @@ from pipeline.runs import StageError
 from pipeline.stage import StageContext, StageResult, run_stage
 
 log = logging.getLogger("stages.ppo")
+
+
+def _warn_if_no_visible_gain(reward_from: str | Path) -> None:
+    """Say up front when the reward stage measured that its model's best-of-k is not above greedy accuracy."""
+    manifest = Path(reward_from).parent / "manifest.json"
+    try:
+        bok = json.loads(manifest.read_text()).get("best_of_k") if manifest.is_file() else None
+    except (OSError, ValueError):
+        return
+    if bok and bok.get("tasks", {}).get("all"):
+        row = bok["tasks"]["all"]
+        if row["rm_best_of_k"] - row["greedy"] <= FLAT:
+            log.warning("ppo: the reward stage's best-of-%d check (%s): %s", bok["k"], manifest,
+                        best_of_k_reading(row, bok["k"]))  # fmt: skip
 
 
 def _body(ctx: StageContext) -> StageResult:
@@ -61,6 +77,8 @@ def _body(ctx: StageContext) -> StageResult:
     held = data.held_out[: cfg.n_eval_prompts]
     held_ids = render_prompts(m.tokenizer, held, cfg.max_prompt_length)
 
+    if cfg.reward == "model":
+        _warn_if_no_visible_gain(reward_from)
     checker = None
     if cfg.reward == "checker":  # the oracle ablation: PPO against the task checker instead of the reward model
         checker = CheckerReward(m.tokenizer, train_ids + held_ids, data.train + held)

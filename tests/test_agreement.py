@@ -145,3 +145,25 @@ def test_best_of_k_counts_what_the_reward_model_picks():
     assert best_of_k(records[2:], ["x"], ["x"] * 3, [0.0] * 3, 3) is None
     with pytest.raises(ValueError, match="3 records need 3 greedy answers and 9 samples"):
         best_of_k(records, greedy, samples[:-1], scores, 3)
+
+
+def test_ppo_warns_when_the_reward_stage_saw_no_gain(tmp_path, caplog):
+    import json
+    import logging
+
+    from stages.ppo import _warn_if_no_visible_gain
+
+    row = {"n": 200, "greedy": 0.45, "sampled": 0.37, "pass_at_k": 0.53, "rm_best_of_k": 0.375, "rm_auc": 0.68,
+           "auc_prompts": 50}  # fmt: skip
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "manifest.json").write_text(json.dumps({"best_of_k": {"k": 8, "tasks": {"all": row}}}))
+    with caplog.at_level(logging.WARNING, logger="stages.ppo"):
+        _warn_if_no_visible_gain(tmp_path / "artifact")
+    assert "37.5% of the time against 45.0%" in caplog.text and "expected to lower checker accuracy" in caplog.text
+    caplog.clear()
+    row["rm_best_of_k"] = 0.6  # a visible gain: nothing to warn about
+    (tmp_path / "manifest.json").write_text(json.dumps({"best_of_k": {"k": 8, "tasks": {"all": row}}}))
+    with caplog.at_level(logging.WARNING, logger="stages.ppo"):
+        _warn_if_no_visible_gain(tmp_path / "artifact")
+        _warn_if_no_visible_gain(tmp_path / "elsewhere" / "artifact")  # no manifest (a reward model from the Hub)
+    assert caplog.text == ""
