@@ -214,7 +214,7 @@ def format_pairs(by_kind: dict[str, dict[str, list[int]]]) -> list[str]:
 
 def best_of_k(
     records: list[dict[str, Any]], greedy: list[str], samples: list[str], scores: list[float], k: int
-) -> dict[str, dict[str, float | int]] | None:
+) -> dict[str, dict[str, float | int | None]] | None:
     """Per task: greedy, sampled and pass@k accuracy of a policy, and what the reward model picks.
 
     Args:
@@ -258,7 +258,7 @@ def best_of_k(
             a["auc_prompts"] += bool(right and wrong)
     if not acc:
         return None
-    out: dict[str, dict[str, float | int]] = {}
+    out: dict[str, dict[str, float | int | None]] = {}
     for task in sorted(acc, key=lambda t: (t == "all", t)):
         a = acc[task]
         n = int(a["n"])
@@ -286,11 +286,17 @@ def format_best_of_k(table: dict[str, dict[str, Any]], k: int) -> list[str]:
 def best_of_k_reading(row: dict[str, Any], k: int) -> str:
     """One sentence on a :func:`best_of_k` row: is the reward model's pick better than the greedy answer?"""
     gain = row["rm_best_of_k"] - row["greedy"]
-    reading = (
-        "It is above the greedy answers: there is a gain the reward model can see."
-        if gain > FLAT
-        else "It is not above the greedy answers, so optimising the reward model is expected to lower checker accuracy."
-    )
+    if gain > FLAT:
+        reading = "It is above the greedy answers: there is a gain the reward model can see."
+    elif gain >= -FLAT:
+        reading = (
+            f"It is not clearly above the greedy answers (within {FLAT * 100:.0f} points): optimising the reward "
+            "model has little or no gain to find."
+        )
+    else:
+        reading = (
+            "It is below the greedy answers, so optimising the reward model is expected to lower checker accuracy."
+        )
     return (
         f"The reward model's pick among {k} samples is right {_pct(row['rm_best_of_k'])} of the time against "
         f"{_pct(row['greedy'])} for the greedy answer ({gain * 100:+.1f} points; pass@{k} {_pct(row['pass_at_k'])}). "

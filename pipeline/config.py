@@ -384,10 +384,13 @@ class RewardStageConfig:
     norm_samples: int = 256
     """Number of SFT-policy samples on training prompts used for the reward mean/std."""
     norm_max_new_tokens: int = 32
+    """Sample length cap of the normalisation samples and of the best-of-k check."""
     best_of_k: int = 8
     """Samples per held-out prompt for the best-of-k check (held-out records with a task checker only;
-    0 skips it): greedy, pass@k and the reward model's best-of-k accuracy of the SFT policy."""
+    0 skips it): greedy, pass@k and the reward model's best-of-k accuracy of the SFT policy, in the
+    manifest's ``best_of_k`` and the run report. Not above greedy: PPO has no gain the reward model sees."""
     best_of_k_prompts: int = 200
+    """Distinct held-out prompts of the best-of-k check (the first ones of the held-out set)."""
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:

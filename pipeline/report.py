@@ -192,7 +192,8 @@ def quality_lines(manifests: dict[str, dict[str, Any]], total_wall_s: float) -> 
             f"Before PPO: the SFT model's answers to held-out prompts of the reward data, greedy and {bok['k']} "
             "samples each; the checker's accuracy of the greedy answer, of the samples, of any sample (pass@k), "
             "and of the sample the reward model scores highest. PPO moves the policy toward what the reward model "
-            "prefers, so its best-of-k against greedy accuracy bounds what PPO can gain.",
+            "prefers: when its best-of-k is not above greedy accuracy, PPO has no gain the reward model can see "
+            "(a margin above greedy is needed, not sufficient: bench/RESULTS.md).",
             "",
             *format_best_of_k(bok["tasks"], bok["k"]),
             "",

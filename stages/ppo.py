@@ -50,8 +50,8 @@ def _warn_if_no_visible_gain(reward_from: str | Path) -> None:
     if bok and bok.get("tasks", {}).get("all"):
         row = bok["tasks"]["all"]
         if row["rm_best_of_k"] - row["greedy"] <= FLAT:
-            log.warning("ppo: the reward stage's best-of-%d check (%s): %s", bok["k"], manifest,
-                        best_of_k_reading(row, bok["k"]))  # fmt: skip
+            log.warning("ppo: the reward stage's best-of-%d check of the model it started from (%s): %s",
+                        bok["k"], manifest, best_of_k_reading(row, bok["k"]))  # fmt: skip
 
 
 def _body(ctx: StageContext) -> StageResult:
@@ -77,7 +77,7 @@ def _body(ctx: StageContext) -> StageResult:
     held = data.held_out[: cfg.n_eval_prompts]
     held_ids = render_prompts(m.tokenizer, held, cfg.max_prompt_length)
 
-    if cfg.reward == "model":
+    if cfg.reward == "model" and accelerator.is_main_process:
         _warn_if_no_visible_gain(reward_from)
     checker = None
     if cfg.reward == "checker":  # the oracle ablation: PPO against the task checker instead of the reward model

@@ -8,6 +8,11 @@ InstructGPT loss (``reward.kwise``). Writes ``runs/<run>/reward/artifact/``: the
 (``AutoModelForSequenceClassification``, num_labels=1) + tokenizer, ``reward_stats.json`` (reward mean/std
 on SFT-policy samples of training prompts, for PPO) and ``eval_rewards.json`` (held-out rewards of each
 prompt's best and worst response). Resumes from the newest complete Trainer checkpoint; done: skipped.
+
+On held-out records with a task checker (the generated default data) the manifest also holds
+``pair_accuracy_by_kind`` and ``best_of_k`` (``reward.best_of_k``): the SFT model's greedy, sampled and
+pass@k accuracy, and the accuracy of the sample the new reward model prefers. When that pick is not above
+the greedy answers, PPO against this reward model has no gain the reward model can see (the PPO stage warns).
 """
 
 from __future__ import annotations
@@ -152,10 +157,14 @@ def _load_policy(ctx: StageContext, init_dir: str, rm: Any, tok: Any) -> Any:
     return policy.to(next(rm.parameters()).device).eval()
 
 
-def _best_of_k(ctx: StageContext, init_dir: str, rm: Any, tok: Any, groups: list[PreferenceGroup]) -> dict | None:
-    """:func:`pipeline.agreement.best_of_k` of the SFT policy on held-out prompts that have a checker."""
+def _best_of_k(
+    ctx: StageContext, init_dir: str, rm: Any, tok: Any, groups: list[PreferenceGroup]
+) -> dict[str, dict[str, Any]] | None:
+    """:func:`pipeline.agreement.best_of_k` of the SFT policy on held-out prompts that have a checker: the
+    first ``reward.best_of_k_prompts`` distinct prompts of the held-out groups, greedy and ``reward.best_of_k``
+    samples (temperature 1, seeded by ``run.seed``) of up to ``reward.norm_max_new_tokens`` tokens each."""
     rc = ctx.cfg.reward
-    records = {}
+    records: dict[str, dict[str, Any]] = {}
     for g in groups:
         if isinstance(g.prompt, str) and g.meta.get("task") and g.meta.get("answer") is not None:
             records.setdefault(g.prompt, {"prompt": g.prompt, "task": g.meta["task"], "answer": g.meta["answer"]})

@@ -138,10 +138,12 @@ def test_best_of_k_counts_what_the_reward_model_picks():
     assert got["all"]["rm_auc"] == (0.5 + 0.5) / (2 + 2) and got["all"]["auc_prompts"] == 2
     lines = format_best_of_k(got, 3)
     assert lines[2].startswith("| add | 1 | 1.000 | 0.333 | 1.000 | 0.000 | 0.250 (1) |")
-    assert "50.0% of the time against 50.0%" in lines[-1] and "expected to lower checker accuracy" in lines[-1]
+    assert "50.0% of the time against 50.0%" in lines[-1] and "not clearly above" in lines[-1]
     better = best_of_k(records[:1], ["5"], ["4", "5", "6"], [3.0, 1.0, 0.0], 3)
     assert better["all"]["rm_best_of_k"] == 1.0 and better["all"]["greedy"] == 0.0
     assert "a gain the reward model can see" in format_best_of_k(better, 3)[-1]
+    worse = best_of_k(records[:1], ["4"], ["4", "5", "6"], [0.0, 1.0, 0.0], 3)
+    assert "expected to lower checker accuracy" in format_best_of_k(worse, 3)[-1]
     assert best_of_k(records[2:], ["x"], ["x"] * 3, [0.0] * 3, 3) is None
     with pytest.raises(ValueError, match="3 records need 3 greedy answers and 9 samples"):
         best_of_k(records, greedy, samples[:-1], scores, 3)

@@ -170,6 +170,21 @@ def test_micro_pipeline_end_to_end(micro_run):
             0 <= row["greedy"] <= 1 and row["sampled"] <= row["pass_at_k"] and row["rm_best_of_k"] <= row["pass_at_k"]
         )
     assert f"| all | {n_prompts} | " in text and "The reward model's pick among 8 samples" in text
+    # its greedy accuracy, recomputed here from the SFT artifact on the same prompts in the same batches
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.data.tasks import check_answer
+    from pipeline.evaluate import generate_responses
+
+    sft_dir = str(StageDir.of(cfg.run_dir, "sft").artifact)
+    first: dict[str, dict] = {}
+    for r in _held_out_reward_prompts(cfg):
+        first.setdefault(r["prompt"], r)
+    records = list(first.values())
+    greedy = generate_responses(AutoModelForCausalLM.from_pretrained(sft_dir).eval(), AutoTokenizer.from_pretrained(sft_dir),
+                                [r["prompt"] for r in records], cfg.reward.norm_max_new_tokens,
+                                batch_size=cfg.reward.batch_size)  # fmt: skip
+    assert bok["tasks"]["all"]["greedy"] == sum(map(check_answer, records, greedy)) / n_prompts
 
 
 def _held_out_reward_prompts(cfg):
