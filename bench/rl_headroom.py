@@ -1,20 +1,22 @@
 """How much can RL raise held-out checker accuracy, and can the reward model tell right from wrong?
 
-For each task kind of the generated held-out prompts (``ppo_eval``), from ``--samples`` responses sampled at
-temperature 1 from the SFT model plus its greedy answer:
+For each task kind of the generated held-out prompts (``ppo_eval``; ``--split ppo_train``: PPO's training
+prompts), from ``--samples`` responses sampled at temperature 1 from the SFT model plus its greedy answer:
 
 - ``greedy``: checker accuracy of the greedy answer (what the run report measures);
 - ``sampled``: mean accuracy of the samples;
 - ``pass@k``: share of prompts with at least one right sample: the ceiling of what sharpening the SFT
   policy toward its own right answers can reach; ``pass@k - greedy`` is the headroom for PPO;
-- ``rm_best_of_k``: accuracy of the sample the reward model scores highest (best-of-k with the RM);
-- ``rm_auc``: on prompts with both right and wrong samples, how often the reward model scores a right
+- reward model's best of k: accuracy of the sample the reward model scores highest; not above ``greedy``,
+  PPO against this reward model has no gain to find;
+- right-vs-wrong AUC: on prompts with both right and wrong samples, how often the reward model scores a right
   sample above a wrong one (0.5 is chance).
 
     python bench/rl_headroom.py runs/tiny/sft/artifact runs/tiny/reward/artifact --samples 8
     python bench/rl_headroom.py SFT RM --config configs/tiny.yaml data.tasks.max_operand=19   # other tasks
 
-Prints one table row per task kind (markdown) for bench/RESULTS.md. The reward stage runs the same check
+Prints a markdown table (one row per task kind and ``all``) and a one-line reading of it, for
+bench/RESULTS.md. The reward stage runs the same check
 (:func:`pipeline.agreement.best_of_k`) on its held-out prompts and the run report shows it.
 """
 

@@ -119,8 +119,8 @@ FAMILIES: dict[str, _Family] = {
         "words",
         lambda it: _spaced(reversed(it[0])),
     ),
-    # Not in the default kinds: a wrong order shows in one adjacent pair, so a reward model checks it more
-    # easily than the policy produces it (measured in data_cards/generated-tasks-sft.md).
+    # Not in the default kinds. A wrong order shows in one adjacent pair, so generated near misses are easy
+    # to judge, but the SFT model's own errors (wrong letters, in order) are not: data_cards/generated-tasks-sft.md.
     "sort": _Family(
         ("Sort the letters {s}.", "Put {s} in alphabetical order.", "Sort {s} from a to z."),
         "words",
