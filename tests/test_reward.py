@@ -394,6 +394,12 @@ def test_stage_sigterm_then_sigkill_then_resume_in_a_subprocess(tmp_path):
 @pytest.mark.parametrize("launch", ["ddp.yaml", "zero2.yaml", "zero3.yaml"])
 def test_stage_two_processes(tmp_path, launch):
     overrides = _setup(tmp_path, steps=40)
+    # held-out records with a checker (task/answer), so the main process also runs the best-of-k check
+    eval_path = tmp_path / "eval.jsonl"
+    held = [json.loads(line) for line in eval_path.read_text().splitlines()]
+    for r in held:
+        r.update(task="yes", answer=r["responses"][r["ranking"][0]])
+    eval_path.write_text("".join(json.dumps(r) + "\n" for r in held))
     env = child_env()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
            "--config_file", f"configs/accelerate/{launch}", "-m", "stages.reward", *overrides]  # fmt: skip
@@ -402,4 +408,6 @@ def test_stage_two_processes(tmp_path, launch):
     rd = tmp_path / "runs" / "t" / "reward"
     manifest = json.loads((rd / "manifest.json").read_text())
     assert manifest["metrics"]["steps"] == 40 and manifest["metrics"]["pair_accuracy"] >= 0.9
+    bok = manifest["best_of_k"]
+    assert bok["k"] == 8 and bok["tasks"]["all"]["n"] == len({r["prompt"] for r in held})
     assert AutoModelForSequenceClassification.from_pretrained(rd / "artifact").config.num_labels == 1
