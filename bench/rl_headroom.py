@@ -49,29 +49,21 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.agreement import best_of_k, format_best_of_k
+    from pipeline.agreement import format_best_of_k
     from pipeline.config import load_config
     from pipeline.data.tasks import generate_tasks
-    from pipeline.evaluate import generate_responses
-    from pipeline.reward import load_reward_model, score_texts
+    from pipeline.reward import load_reward_model, policy_best_of_k
 
     records = getattr(generate_tasks(load_config(a.config, a.overrides).data.tasks), a.split)[: a.n]
     tok = AutoTokenizer.from_pretrained(a.sft)
     policy = AutoModelForCausalLM.from_pretrained(a.sft).eval()
     rm, rm_tok = load_reward_model(a.reward)
-    prompts = [r["prompt"] for r in records]
-    k = a.samples
-    greedy = generate_responses(policy, tok, prompts, a.max_new_tokens, batch_size=100)
-    many = [p for p in prompts for _ in range(k)]
-    sampled = generate_responses(
-        policy, tok, many, a.max_new_tokens, batch_size=200, do_sample=True, temperature=1.0, seed=a.seed
+    table = policy_best_of_k(
+        policy, rm, tok, records, a.samples, a.max_new_tokens, batch_size=200, seed=a.seed, reward_tokenizer=rm_tok
     )
-    scores = score_texts(rm, rm_tok, many, sampled, 200).tolist()
-
-    table = best_of_k(records, greedy, sampled, scores, k)
     if table is None:
         raise SystemExit("no prompt has a task checker")
-    print("\n".join(format_best_of_k(table, k)))
+    print("\n".join(format_best_of_k(table, a.samples)))
 
 
 if __name__ == "__main__":

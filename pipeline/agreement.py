@@ -42,6 +42,7 @@ __all__ = [
     "best_of_k",
     "format_best_of_k",
     "best_of_k_reading",
+    "visible_gain",
     "markdown_cell",
 ]
 
@@ -69,8 +70,9 @@ def rm_vs_checker(
         The summary (see the module docstring), or None when no prompt has a checker.
     """
     from pipeline.data.tasks import check_answer
+    from pipeline.evaluate import has_checker
 
-    rows = [a for a in answers if a.get("task") and a.get("answer") is not None]
+    rows = [a for a in answers if has_checker(a)]
     if not rows:
         return None
     by_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -184,11 +186,12 @@ def pair_accuracy_by_kind(groups: list[Any], rewards: list[list[float]]) -> dict
     """
     from pipeline.data.preferences import expand_comparisons
     from pipeline.data.tasks import response_class
+    from pipeline.evaluate import has_checker
 
     out: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for g, r in zip(groups, rewards):
         meta = getattr(g, "meta", None) or {}
-        if not meta.get("task") or meta.get("answer") is None:
+        if not has_checker(meta):
             continue
         classes = [response_class(meta, text) for text in g.responses]
         for c in expand_comparisons(g):
@@ -232,6 +235,7 @@ def best_of_k(
         when no record has a checker.
     """
     from pipeline.data.tasks import check_answer
+    from pipeline.evaluate import has_checker
 
     if len(greedy) != len(records) or len(samples) != len(records) * k or len(scores) != len(samples):
         raise ValueError(
@@ -240,7 +244,7 @@ def best_of_k(
         )
     acc: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for i, rec in enumerate(records):
-        if not rec.get("task") or rec.get("answer") is None:
+        if not has_checker(rec):
             continue
         ok = [check_answer(rec, r) for r in samples[i * k : (i + 1) * k]]
         sc = scores[i * k : (i + 1) * k]
@@ -283,10 +287,15 @@ def format_best_of_k(table: dict[str, dict[str, Any]], k: int) -> list[str]:
     return [*lines, "", best_of_k_reading(table["all"], k)]
 
 
+def visible_gain(row: dict[str, Any]) -> bool:
+    """Whether a :func:`best_of_k` row's reward-model pick beats the greedy answers by more than :data:`FLAT`."""
+    return row["rm_best_of_k"] - row["greedy"] > FLAT
+
+
 def best_of_k_reading(row: dict[str, Any], k: int) -> str:
     """One sentence on a :func:`best_of_k` row: is the reward model's pick better than the greedy answer?"""
     gain = row["rm_best_of_k"] - row["greedy"]
-    if gain > FLAT:
+    if visible_gain(row):
         reading = "It is above the greedy answers: there is a gain the reward model can see."
     elif gain >= -FLAT:
         reading = (

@@ -56,6 +56,7 @@ __all__ = [
     "evaluate_rankings",
     "reward_stats",
     "policy_reward_stats",
+    "policy_best_of_k",
     "MetricsCallback",
     "StopOnSignal",
 ]
@@ -489,6 +490,34 @@ def policy_reward_stats(
         policy, tokenizer, prompts, max_new_tokens, batch_size=batch_size, do_sample=True, seed=seed
     )
     return reward_stats(score_texts(reward_model, tokenizer, prompts, responses, batch_size))
+
+
+def policy_best_of_k(
+    policy: Any,
+    reward_model: Any,
+    tokenizer: Any,
+    records: list[dict[str, Any]],
+    k: int,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    seed: int | None = None,
+    reward_tokenizer: Any = None,
+) -> dict[str, dict[str, Any]] | None:
+    """:func:`pipeline.agreement.best_of_k` of ``policy`` on ``records`` (``prompt`` plus ``task``/``answer``).
+
+    Draws the policy's greedy answer and ``k`` samples (temperature 1, ``seed``) per prompt, and scores the
+    samples with ``reward_model`` (through ``reward_tokenizer``, default ``tokenizer``).
+    """
+    from pipeline.agreement import best_of_k
+
+    prompts = [r["prompt"] for r in records]
+    greedy = generate_responses(policy, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    many = [p for p in prompts for _ in range(k)]
+    samples = generate_responses(
+        policy, tokenizer, many, max_new_tokens, batch_size=batch_size, do_sample=True, seed=seed
+    )
+    scores = score_texts(reward_model, reward_tokenizer or tokenizer, many, samples, batch_size).tolist()
+    return best_of_k(records, greedy, samples, scores, k)
 
 
 # ----------------------------------------------------------------------------- trainer plumbing

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from pipeline.agreement import FLAT, best_of_k_reading, rm_vs_checker
+from pipeline.agreement import best_of_k_reading, rm_vs_checker, visible_gain
 from pipeline.data.prompts import load_prompts
 from pipeline.data.tasks import write_jsonl
 from pipeline.hf_trainer import context_length
@@ -49,7 +49,7 @@ def _warn_if_no_visible_gain(reward_from: str | Path) -> None:
         return
     if bok and bok.get("tasks", {}).get("all"):
         row = bok["tasks"]["all"]
-        if row["rm_best_of_k"] - row["greedy"] <= FLAT:
+        if not visible_gain(row):
             log.warning("ppo: the reward stage's best-of-%d check of the model it started from (%s): %s",
                         bok["k"], manifest, best_of_k_reading(row, bok["k"]))  # fmt: skip
 

@@ -17,8 +17,10 @@ the greedy answers, PPO against this reward model has no gain the reward model c
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,10 +28,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import RewardConfig
 
-from pipeline.agreement import best_of_k, pair_accuracy_by_kind
+from pipeline.agreement import pair_accuracy_by_kind
 from pipeline.data.preferences import PreferenceData, PreferenceGroup, load_preferences
 from pipeline.data.records import BadRecord
-from pipeline.evaluate import generate_responses
+from pipeline.evaluate import has_checker
 from pipeline.hf_trainer import (  # the Trainer plumbing SFT and reward share
     CheckpointMarker,
     checkpoint_step,
@@ -48,6 +50,7 @@ from pipeline.reward import (
     grouped_rows,
     load_reward_model,
     pairwise_rows,
+    policy_best_of_k,
     policy_reward_stats,
     reward_stats,
     score_texts,
@@ -136,7 +139,9 @@ def _stats_prompts(groups: list[PreferenceGroup], n: int, seed: int) -> list[str
     return [prompts[i % len(prompts)] for i in range(n)] if prompts else []
 
 
-def _normalisation(ctx: StageContext, init_dir: str, rm: Any, tok: Any, groups: list[PreferenceGroup]) -> dict:
+def _normalisation(
+    ctx: StageContext, policy: Callable[[], Any], rm: Any, tok: Any, groups: list[PreferenceGroup]
+) -> dict:
     rc, seed = ctx.cfg.reward, ctx.cfg.run.seed
     prompts = _stats_prompts(groups, rc.norm_samples, seed)
     if not prompts:  # only multi-turn prompts (e.g. HH): the policy's samples cannot be drawn the same way
@@ -144,8 +149,7 @@ def _normalisation(ctx: StageContext, init_dir: str, rm: Any, tok: Any, groups: 
         flat = [(g.prompt, r) for g in groups for r in g.responses][: rc.norm_samples]
         rewards = score_texts(rm, tok, [p for p, _ in flat], [r for _, r in flat], rc.batch_size)
         return {**reward_stats(rewards), "source": "train_responses"}
-    policy = _load_policy(ctx, init_dir, rm, tok)
-    stats = policy_reward_stats(policy, rm, tok, prompts, rc.norm_max_new_tokens, rc.batch_size, seed)
+    stats = policy_reward_stats(policy(), rm, tok, prompts, rc.norm_max_new_tokens, rc.batch_size, seed)
     return {**stats, "source": "sft_samples"}
 
 
@@ -158,28 +162,22 @@ def _load_policy(ctx: StageContext, init_dir: str, rm: Any, tok: Any) -> Any:
 
 
 def _best_of_k(
-    ctx: StageContext, init_dir: str, rm: Any, tok: Any, groups: list[PreferenceGroup]
+    ctx: StageContext, policy: Callable[[], Any], rm: Any, tok: Any, groups: list[PreferenceGroup]
 ) -> dict[str, dict[str, Any]] | None:
-    """:func:`pipeline.agreement.best_of_k` of the SFT policy on held-out prompts that have a checker: the
+    """:func:`pipeline.reward.policy_best_of_k` of the SFT policy on held-out prompts that have a checker: the
     first ``reward.best_of_k_prompts`` distinct prompts of the held-out groups, greedy and ``reward.best_of_k``
     samples (temperature 1, seeded by ``run.seed``) of up to ``reward.norm_max_new_tokens`` tokens each."""
     rc = ctx.cfg.reward
     records: dict[str, dict[str, Any]] = {}
     for g in groups:
-        if isinstance(g.prompt, str) and g.meta.get("task") and g.meta.get("answer") is not None:
+        if isinstance(g.prompt, str) and has_checker(g.meta):
             records.setdefault(g.prompt, {"prompt": g.prompt, "task": g.meta["task"], "answer": g.meta["answer"]})
     recs = list(records.values())[: rc.best_of_k_prompts]
     if not recs or not rc.best_of_k:
         return None
-    k, prompts = rc.best_of_k, [r["prompt"] for r in recs]
-    policy = _load_policy(ctx, init_dir, rm, tok)
-    greedy = generate_responses(policy, tok, prompts, rc.norm_max_new_tokens, batch_size=rc.batch_size)
-    many = [p for p in prompts for _ in range(k)]
-    samples = generate_responses(
-        policy, tok, many, rc.norm_max_new_tokens, batch_size=rc.batch_size, do_sample=True, seed=ctx.cfg.run.seed
+    return policy_best_of_k(
+        policy(), rm, tok, recs, rc.best_of_k, rc.norm_max_new_tokens, rc.batch_size, ctx.cfg.run.seed
     )
-    scores = score_texts(rm, tok, many, samples, rc.batch_size).tolist()
-    return best_of_k(recs, greedy, samples, scores, k)
 
 
 @dataclass
@@ -259,8 +257,9 @@ def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
     tok = AutoTokenizer.from_pretrained(str(ctx.dir.artifact))
     ev = evaluate_rankings(rm, tok, t.eval, rc.batch_size, rc.margin)
     by_kind = pair_accuracy_by_kind(t.eval, ev.group_rewards)  # where it disagrees with the task checker
-    stats = _normalisation(ctx, _init_dir(ctx), rm, tok, t.train)
-    bok = _best_of_k(ctx, _init_dir(ctx), rm, tok, t.eval)  # can PPO on this reward model gain at all?
+    policy = functools.cache(lambda: _load_policy(ctx, _init_dir(ctx), rm, tok))  # loaded once, when first needed
+    stats = _normalisation(ctx, policy, rm, tok, t.train)
+    bok = _best_of_k(ctx, policy, rm, tok, t.eval)  # can PPO on this reward model gain at all?
     if bok:
         a = bok["all"]
         log.info("reward: SFT policy on %d held-out prompts: greedy %.3f, pass@%d %.3f, reward model's best of %d %.3f",
