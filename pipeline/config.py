@@ -445,7 +445,14 @@ class PPOStageConfig:
     """0: off."""
     top_p: float = 1.0
     rollout_batch_size: int = 64
-    """Prompts per PPO step (per process)."""
+    """Responses per PPO step (per process): ``rollout_batch_size / samples_per_prompt`` prompts."""
+    samples_per_prompt: int = 1
+    """Responses sampled for each prompt of a step (consecutive rows of the rollout)."""
+    advantage: Literal["gae", "group"] = "gae"
+    """gae: GAE with the value model (InstructGPT). group: a response's return (score minus its summed KL
+    penalty) minus the mean return of the prompt's other samples (RLOO, Ahmadian et al. 2024), the same for
+    all its tokens; needs ``samples_per_prompt`` >= 2. The value model is then not trained (its loss gets
+    weight 0) and its estimates are unused."""
     minibatch_size: int = 16
     """Sequences per optimizer step (per process); rollout_batch_size / minibatch_size steps per epoch."""
     ppo_epochs: int = 4
@@ -514,6 +521,7 @@ class PPOStageConfig:
             "rollout_batch_size",
             "minibatch_size",
             "ppo_epochs",
+            "samples_per_prompt",
             "steps",
             "ckpt_interval",
             "keep_checkpoints",
@@ -526,6 +534,13 @@ class PPOStageConfig:
             problems.append(
                 f"ppo.minibatch_size={self.minibatch_size} exceeds ppo.rollout_batch_size={self.rollout_batch_size}"
             )
+        if self.rollout_batch_size % self.samples_per_prompt:
+            problems.append(
+                f"ppo.samples_per_prompt={self.samples_per_prompt} must divide "
+                f"ppo.rollout_batch_size={self.rollout_batch_size}"
+            )
+        if self.advantage == "group" and self.samples_per_prompt < 2:
+            problems.append("ppo.advantage=group needs ppo.samples_per_prompt >= 2 (a baseline from the other samples)")
         if self.temperature <= 0:
             problems.append(f"ppo.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 import pipeline.rl.gae
 import pipeline.rl.kl
 import pipeline.rl.rollout
-from pipeline.config import PPOStageConfig
+from pipeline.config import ConfigError, PPOStageConfig
 from pipeline.rl.gae import masked_mean
 from pipeline.rl.losses import policy_loss, value_loss
 from pipeline.rl.rollout import (
@@ -217,6 +217,35 @@ def test_first_minibatch_has_ratio_one_and_later_ones_move():
     assert first["clipfrac"] == 0.0
     assert len(tr.minibatch_stats) == 2 * 2  # ppo_epochs x minibatches
     assert tr.minibatch_stats[-1]["approx_kl"] > 0
+
+
+def test_group_advantage_samples_each_prompt_in_a_row_and_learns():
+    tr = make_trainer(advantage="group", samples_per_prompt=4, rollout_batch_size=8, minibatch_size=4)
+    q, qm = tr._prompt_batch(PROMPTS, list(range(len(PROMPTS))))
+    # 8 responses = 2 prompts x 4 samples, consecutive rows; the cursor moves by 2 prompts
+    expected, _ = left_pad([PROMPTS[0]] * 4 + [PROMPTS[1]] * 4, PAD)
+    assert torch.equal(q, expected) and tr.cursor == 2
+    ro = tr.rollout(q, qm)
+    tr.update(ro)
+    # every token of a response carries its leave-one-out advantage, before whitening a group sums to 0
+    assert ro.advantages is not None
+    for i in range(len(ro)):
+        row = ro.advantages[i][ro.response_mask[i].bool()]
+        assert torch.allclose(row, row[0].expand_as(row))
+    torch.manual_seed(0)
+    tr = make_trainer(
+        advantage="group", samples_per_prompt=4, steps=6, rollout_batch_size=16, minibatch_size=8, ppo_epochs=4,
+        lr=1e-2, kl_coef=0.01,
+    )  # fmt: skip
+    rewards = [h["ppo/reward"] for h in tr.fit([[2 + (i % 10), 3 + (i % 7)] for i in range(64)])]
+    assert sum(rewards[-2:]) / 2 > 2 * max(sum(rewards[:2]) / 2, 0.3), rewards
+
+
+def test_group_advantage_config_errors():
+    with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
+        PPOStageConfig(advantage="group")
+    with pytest.raises(ConfigError, match="must divide ppo.rollout_batch_size=64"):
+        PPOStageConfig(samples_per_prompt=3)
 
 
 def test_reward_model_scores_prompt_response_and_end_token():
@@ -470,6 +499,33 @@ def test_two_processes_train_agree_and_resume(tmp_path, launch):
     w_res = _artifact_weights(cfg)
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], atol=1e-6, rtol=0)
+    assert resumed["metrics"]["reward_mean"] == pytest.approx(full["metrics"]["reward_mean"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_group_advantage_trains_and_resumes(tmp_path):
+    """Group advantages under DDP: the critic's loss is left out (zero gradients), and a resumed run is the same."""
+    import json
+    import shutil
+
+    cfg, args = stage_setup(tmp_path, ["ppo.advantage=group", "ppo.samples_per_prompt=2"])
+    _launch(tmp_path, "ddp", args, "first")
+    sd = StageDir.of(cfg.run_dir, "ppo")
+    full = json.loads(sd.manifest_path.read_text())
+    w_full = _artifact_weights(cfg)
+    sft = StageDir.of(cfg.run_dir, "sft").artifact
+    from transformers import AutoModelForCausalLM
+
+    w_sft = AutoModelForCausalLM.from_pretrained(sft).state_dict()
+    assert any(not torch.equal(w_full[k], w_sft[k]) for k in w_sft)  # the policy trained
+    sd.manifest_path.unlink()
+    shutil.rmtree(sd.artifact)
+    shutil.rmtree(sd.checkpoints / "step_000003")
+    _launch(tmp_path, "ddp", args, "resume")
+    w_res = _artifact_weights(cfg)
+    for k in w_full:
+        torch.testing.assert_close(w_res[k], w_full[k], atol=1e-6, rtol=0)
+    resumed = json.loads(sd.manifest_path.read_text())
     assert resumed["metrics"]["reward_mean"] == pytest.approx(full["metrics"]["reward_mean"], abs=1e-5)
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pipeline.rl.gae import compute_gae, masked_mean, masked_var, masked_whiten
+from pipeline.rl.gae import compute_gae, group_advantages, masked_mean, masked_var, masked_whiten
 from pipeline.rl.kl import (
     AdaptiveKLController,
     FixedKLController,
@@ -121,6 +121,24 @@ def test_kl_penalty_rewards_hand_computed():
     close(kl, [[0.5, 0.0, -1.0], [0.5, -0.5, 0.0]])
     close(rewards, [[-0.05, 0.0, 1.1], [-0.05, -1.95, 0.0]])
     close(last_token_index(mask), [2, 1])
+
+
+def test_group_advantages_hand_computed():
+    # two prompts x 3 samples; beta = 0.5; returns R = score - 0.5 * summed KL (padding's KL 9 ignored)
+    # prompt 0: scores [1, 0, 2], KL sums [0.2, 0, 0.4] -> R = [0.9, 0, 1.8]
+    #   leave-one-out baselines: (0 + 1.8)/2 = 0.9, (0.9 + 1.8)/2 = 1.35, (0.9 + 0)/2 = 0.45
+    #   A = [0, -1.35, 1.35]
+    # prompt 1: all scores 3, no KL -> R = 3 each, A = 0 (no signal when every sample is as good)
+    scores = torch.tensor([1.0, 0.0, 2.0, 3.0, 3.0, 3.0])
+    kl = torch.tensor([[0.1, 0.1, 9.0], [0.0, 0.0, 0.0], [0.4, 0.0, 0.0], [0.0] * 3, [0.0] * 3, [0.0] * 3])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    adv, ret = group_advantages(scores, kl, mask, kl_coef=0.5, group_size=3)
+    close(adv, [[0.0, 0.0, 0.0], [-1.35, 0.0, 0.0], [1.35, 1.35, 1.35], [0.0] * 3, [0.0] * 3, [0.0] * 3])
+    close(ret, [[0.9, 0.9, 0.0], [0.0, 0.0, 0.0], [1.8, 1.8, 1.8], [3.0, 3.0, 0.0], [3.0, 0.0, 0.0], [3.0] * 3])
+    # a group's advantages sum to zero
+    close(adv[:, 0].view(2, 3).sum(1), [0.0, 0.0])
+    with pytest.raises(ValueError, match="group_size=4"):
+        group_advantages(scores, kl, mask, 0.5, group_size=4)
 
 
 def test_kl_is_zero_when_policy_equals_reference():

@@ -10,7 +10,10 @@ RLHF with PPO" (Huang et al. 2022/2024):
   statistics; a response that never ends loses ``missing_eos_penalty``;
 - per-token KL penalty against the reference, fixed or adaptive (Ziegler et al. 2019);
 - GAE, advantage whitening, clipped policy and value losses, optional entropy bonus, several epochs of
-  shuffled minibatches, gradient clipping, a learning-rate schedule; dropout is disabled.
+  shuffled minibatches, gradient clipping, a learning-rate schedule; dropout is disabled;
+- or, with ``ppo.advantage=group``, no critic: several samples per prompt, each response's advantage its
+  return minus the mean of the prompt's other samples (RLOO, Ahmadian et al. 2024; GRPO's group baseline
+  without its standard-deviation scaling), under the same clipped objective.
 
 Departures (each deliberate):
 
@@ -50,7 +53,7 @@ from pipeline.checkpoint import generator_state, load_checkpoint, save_checkpoin
 from pipeline.config import PPOStageConfig
 from pipeline.runs import StageDir, StageError
 
-from .gae import compute_gae, masked_mean, masked_whiten
+from .gae import compute_gae, group_advantages, masked_mean, masked_whiten
 from .kl import compute_rewards, make_kl_controller
 from .losses import explained_variance, policy_loss, value_loss
 from .rollout import (
@@ -300,7 +303,9 @@ class PPOTrainer:
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, c.cliprange)
         vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, c.cliprange_value)
         ent = masked_mean(entropy, mask)
-        loss = pg_loss + c.vf_coef * vf_loss
+        # group advantages need no critic: its loss is left out, so its gradients cannot take the policy's
+        # share of the clipped gradient norm (the value model stays in the graph, with zero gradients, for DDP)
+        loss = pg_loss + (0.0 if c.advantage == "group" else c.vf_coef) * vf_loss
         if c.entropy_coef:
             loss = loss - c.entropy_coef * ent
         if not torch.isfinite(loss):
@@ -324,7 +329,10 @@ class PPOTrainer:
         c = self.cfg
         mask = ro.response_mask
         rewards, kl = compute_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value)
-        advantages, returns = compute_gae(rewards, ro.values, mask, c.gamma, c.lam)
+        if c.advantage == "group":
+            advantages, returns = group_advantages(ro.scores, kl, mask, self.kl_ctl.value, c.samples_per_prompt)
+        else:
+            advantages, returns = compute_gae(rewards, ro.values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         ro.advantages, ro.returns = advantages, returns
@@ -353,10 +361,11 @@ class PPOTrainer:
     # ------------------------------------------------------------------ one step
 
     def _prompt_batch(self, prompts: list[list[int]], order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        B, rank, world = self.cfg.rollout_batch_size, self.accelerator.process_index, self.accelerator.num_processes
-        start = self.cursor + rank * B
-        batch = [prompts[order[(start + i) % len(order)]] for i in range(B)]
-        self.cursor += B * world
+        G, rank, world = self.cfg.samples_per_prompt, self.accelerator.process_index, self.accelerator.num_processes
+        n = self.cfg.rollout_batch_size // G  # distinct prompts per process, each sampled G times in a row
+        start = self.cursor + rank * n
+        batch = [prompts[order[(start + i) % len(order)]] for i in range(n) for _ in range(G)]
+        self.cursor += n * world
         return left_pad(batch, self.pad_id, self.device)
 
     def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
@@ -392,7 +401,9 @@ class PPOTrainer:
         self.kl_ctl.update(stats["kl"], self.cfg.rollout_batch_size * world)
         self.step += 1
         stats["step_time_s"] = time.perf_counter() - t0
-        stats["prompts_per_s"] = self.cfg.rollout_batch_size * world / stats["step_time_s"]
+        stats["prompts_per_s"] = (
+            self.cfg.rollout_batch_size // self.cfg.samples_per_prompt * world / stats["step_time_s"]
+        )
         return stats
 
     # ------------------------------------------------------------------ the loop
