@@ -451,8 +451,8 @@ class PPOStageConfig:
     advantage: Literal["gae", "group"] = "gae"
     """gae: GAE with the value model (InstructGPT). group: a response's return (score minus its summed KL
     penalty) minus the mean return of the prompt's other samples (RLOO, Ahmadian et al. 2024), the same for
-    all its tokens; needs ``samples_per_prompt`` >= 2. The value model is then not trained (its loss gets
-    weight 0) and its estimates are unused."""
+    all its tokens; needs ``samples_per_prompt`` >= 2. There is then no value model: no critic to load, train
+    or checkpoint."""
     minibatch_size: int = 16
     """Sequences per optimizer step (per process); rollout_batch_size / minibatch_size steps per epoch."""
     ppo_epochs: int = 4

@@ -60,7 +60,7 @@ def _body(ctx: StageContext) -> StageResult:
     reward_from = cfg.reward_from or ctx.upstream("reward").artifact
     # loaded before the Accelerator exists, so ZeRO-3 does not partition them at load time: the frozen
     # reference and reward model stay whole, and prepare() shards only policy+value
-    m = load_models(policy_from, reward_from, cfg.trust_remote_code)
+    m = load_models(policy_from, reward_from, cfg.trust_remote_code, critic=cfg.advantage != "group")
     accelerator = make_accelerator()
     set_seed(seed, device_specific=True)  # each process samples its own responses
     ctx_len = context_length(m.policy)

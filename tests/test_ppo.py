@@ -83,7 +83,7 @@ def make_trainer(ref_equals_policy=True, score_fn=count_target, reward_model=Non
         cfg,
         Accelerator(cpu=True),
         policy,
-        value,
+        None if cfg.advantage == "group" else value,
         ref,
         reward_model,
         [STOP],
@@ -227,7 +227,10 @@ def test_group_advantage_samples_each_prompt_in_a_row_and_learns():
     assert torch.equal(q, expected) and tr.cursor == 2
     ro = tr.rollout(q, qm)
     tr.update(ro)
-    # every token of a response carries its leave-one-out advantage, before whitening a group sums to 0
+    # no critic: only the policy is trained and checkpointed
+    assert tr.unwrapped.value_model is None and len(tr.optimizer.param_groups) == 1
+    assert all(k.startswith("policy.") for k in tr.unwrapped.state_dict())
+    # every token of a response carries its leave-one-out advantage
     assert ro.advantages is not None
     for i in range(len(ro)):
         row = ro.advantages[i][ro.response_mask[i].bool()]
@@ -242,6 +245,11 @@ def test_group_advantage_samples_each_prompt_in_a_row_and_learns():
 
 
 def test_group_advantage_config_errors():
+    with pytest.raises(ValueError, match="needs no value_model"):
+        policy, value = tiny_models()
+        cfg = PPOStageConfig(advantage="group", samples_per_prompt=2, rollout_batch_size=8, minibatch_size=4)
+        PPOTrainer(cfg, Accelerator(cpu=True), policy, value, copy.deepcopy(policy), None, [STOP], PAD,
+                   score_fn=count_target)  # fmt: skip
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
         PPOStageConfig(advantage="group")
     with pytest.raises(ConfigError, match="must divide ppo.rollout_batch_size=64"):

@@ -53,7 +53,8 @@ def make_accelerator() -> Any:
 @dataclass
 class PPOModels:
     policy: nn.Module
-    value_model: nn.Module
+    value_model: nn.Module | None
+    """None without a critic (``ppo.advantage=group``)."""
     ref_model: nn.Module
     reward_model: nn.Module
     tokenizer: Any
@@ -61,8 +62,11 @@ class PPOModels:
     pad_id: int
 
 
-def load_models(policy_from: str | Path, reward_from: str | Path, trust_remote_code: bool = False) -> PPOModels:
-    """Policy and frozen reference from the SFT model; value model and frozen reward model from the reward model.
+def load_models(
+    policy_from: str | Path, reward_from: str | Path, trust_remote_code: bool = False, critic: bool = True
+) -> PPOModels:
+    """Policy and frozen reference from the SFT model; value model (when ``critic``) and frozen reward model from
+    the reward model.
 
     Raises:
         StageError: a model does not load, has no chat tokenizer, or the reward model's vocabulary
@@ -77,7 +81,9 @@ def load_models(policy_from: str | Path, reward_from: str | Path, trust_remote_c
         tokenizer = AutoTokenizer.from_pretrained(str(policy_from), **kw)
         policy = AutoModelForCausalLM.from_pretrained(str(policy_from), **kw)
         ref = AutoModelForCausalLM.from_pretrained(str(policy_from), **kw)
-        value = AutoModelForSequenceClassification.from_pretrained(str(reward_from), num_labels=1, **kw)
+        value = (
+            AutoModelForSequenceClassification.from_pretrained(str(reward_from), num_labels=1, **kw) if critic else None
+        )
         reward = AutoModelForSequenceClassification.from_pretrained(str(reward_from), num_labels=1, **kw)
     except (OSError, ValueError) as e:
         raise StageError(f"ppo: cannot load the models (policy {policy_from}, reward {reward_from}): {e}") from None
@@ -100,7 +106,7 @@ def load_models(policy_from: str | Path, reward_from: str | Path, trust_remote_c
         raise StageError(f"ppo: the tokenizer at {policy_from} has no <|end|>/<|endoftext|>/eos token to stop at")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
     for m in (value, reward):
-        if m.config.pad_token_id is None:
+        if m is not None and m.config.pad_token_id is None:
             m.config.pad_token_id = pad_id
     return PPOModels(policy, value, ref, reward, tokenizer, stops, int(pad_id))
 

@@ -96,10 +96,11 @@ class PolicyAndValue(nn.Module):
     initialised from the reward model predicts raw scores, while PPO's rewards are the scores normalised
     with the reward statistics, so its values are ``(head - shift) / scale`` (OpenRLHF's critic does the
     same). Without it the first updates' advantages are dominated by the offset (value loss ~ mean^2).
+    Without a value model (``ppo.advantage=group``) the values are zeros and only the policy trains.
     """
 
     def __init__(
-        self, policy: nn.Module, value_model: nn.Module, value_shift: float = 0.0, value_scale: float = 1.0
+        self, policy: nn.Module, value_model: nn.Module | None, value_shift: float = 0.0, value_scale: float = 1.0
     ) -> None:
         super().__init__()
         if not value_scale > 0:
@@ -131,6 +132,8 @@ class PolicyAndValue(nn.Module):
         elif torch.is_grad_enabled():  # a statistic only: no (B, T, V) softmax in the backward pass
             with torch.no_grad():
                 entropy = entropy_from_logits(logits)
+        if self.value_model is None:  # no critic: zero values, outside the graph
+            return logprobs, torch.zeros_like(logprobs, requires_grad=False), entropy
         values = token_scores(self.value_model, query_ids, query_mask, response_ids, response_mask)
         if self.value_shift != 0.0 or self.value_scale != 1.0:
             values = (values - self.value_shift) / self.value_scale

@@ -101,7 +101,8 @@ class PPOTrainer:
         cfg: the ``ppo`` config section.
         accelerator: an ``accelerate.Accelerator`` (not yet used to prepare anything).
         policy: causal LM to train (initialised from SFT).
-        value_model: sequence-classification model to train as the critic (initialised from the reward model).
+        value_model: sequence-classification model to train as the critic (initialised from the reward model);
+            None with ``advantage: group``, which needs none.
         ref_model: frozen causal LM (the SFT model).
         reward_model: frozen sequence-classification model, or None when ``score_fn`` is given.
         stop_ids: token ids that end a response (``<|end|>`` first).
@@ -116,7 +117,7 @@ class PPOTrainer:
         cfg: PPOStageConfig,
         accelerator: Any,
         policy: nn.Module,
-        value_model: nn.Module,
+        value_model: nn.Module | None,
         ref_model: nn.Module,
         reward_model: nn.Module | None,
         stop_ids: list[int],
@@ -127,6 +128,9 @@ class PPOTrainer:
     ) -> None:
         if reward_model is None and score_fn is None:
             raise ValueError("PPOTrainer needs a reward_model or a score_fn")
+        if (value_model is None) != (cfg.advantage == "group"):
+            need = "no value_model" if cfg.advantage == "group" else "a value_model"
+            raise ValueError(f"PPOTrainer: advantage={cfg.advantage!r} needs {need}")
         self.cfg = cfg
         self.accelerator = accelerator
         self.stop_ids = list(stop_ids)
@@ -153,11 +157,13 @@ class PPOTrainer:
                 scale = max(float(self.reward_stats.get("std", 1.0)), 1e-8)
         self.reward_shift, self.reward_scale = (shift, scale) if score_fn is None else (0.0, 1.0)
         model = PolicyAndValue(policy, value_model, shift, scale)
+        groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]
+        if value_model is not None:
+            groups.append(
+                {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_lr or cfg.lr}
+            )
         optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
-                {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_lr or cfg.lr},
-            ],
+            groups,
             eps=cfg.adam_eps,
             weight_decay=0.0,
             # one fused kernel for all tensors (DeepSpeed steps its own flat partitions, so it gets the plain one)
@@ -301,11 +307,13 @@ class PPOTrainer:
         )
         assert mb.advantages is not None and mb.returns is not None and entropy is not None
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, c.cliprange)
-        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, c.cliprange_value)
         ent = masked_mean(entropy, mask)
-        # group advantages need no critic: its loss is left out, so its gradients cannot take the policy's
-        # share of the clipped gradient norm (the value model stays in the graph, with zero gradients, for DDP)
-        loss = pg_loss + (0.0 if c.advantage == "group" else c.vf_coef) * vf_loss
+        loss = pg_loss
+        if c.advantage != "group":
+            vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, c.cliprange_value)
+            loss = loss + c.vf_coef * vf_loss
+        else:  # group advantages: no critic
+            vf_loss, vf_stats = torch.zeros(()), {"vf_clipfrac": torch.zeros(())}
         if c.entropy_coef:
             loss = loss - c.entropy_coef * ent
         if not torch.isfinite(loss):
