@@ -61,7 +61,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     c = cfg.ppo
     policy_from = c.policy_from or cfg.run_dir / "sft" / "artifact"
     reward_from = c.reward_from or cfg.run_dir / "reward" / "artifact"
-    m = load_models(policy_from, reward_from)
+    m = load_models(policy_from, reward_from, critic=c.advantage != "group")
     if args.fixtures:
         prompts = _prompts(Path(args.fixtures), m.tokenizer, 100_000)
     else:
@@ -93,7 +93,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     wall = sum(times)
     return {
         "impl": "ours",
-        "prompts_per_s": args.steps * c.rollout_batch_size / wall,
+        "prompts_per_s": args.steps * (c.rollout_batch_size // c.samples_per_prompt) / wall,
         "rollout_tokens_per_s": tokens / wall,
         "step_s": wall / args.steps,
         "response_length": tokens / (args.steps * c.rollout_batch_size),
