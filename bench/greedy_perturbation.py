@@ -9,6 +9,9 @@ right, greedy accuracy is a local maximum that any update must climb out of with
     python bench/greedy_perturbation.py runs/tiny/sft/artifact --sigmas 0.01,0.03,0.1
     python bench/greedy_perturbation.py SFT --config configs/tiny.yaml 'data.tasks.kinds=[add]' data.tasks.max_operand=19
 
+Draw ``i`` of every sigma uses seed ``i``: the noise directions are the same across sigmas, only scaled. Answers
+are up to ``--max-new-tokens`` (16) tokens, like the PPO stage's held-out evaluation with ``configs/tiny.yaml``.
+
 Prints one line per draw (accuracy, answers changed, right->wrong, wrong->right) and a markdown row per sigma
 (the counts summed over its draws).
 """

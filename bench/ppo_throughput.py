@@ -9,7 +9,7 @@ appends a row to bench/RESULTS.md::
     .venv/bin/python bench/ppo_throughput.py --config configs/tiny.yaml          # ours only, the run's sft/reward
 
 Each implementation runs ``--warmup`` steps, then ``--steps`` timed steps; prompts/s = timed prompts / timed
-wall time. Both use the same settings: ``ppo.rollout_batch_size`` prompts per step, minibatches of
+wall time. Both use the same settings: ``ppo.rollout_batch_size`` responses per step (one per prompt), minibatches of
 ``ppo.minibatch_size``, ``ppo.ppo_epochs`` epochs, ``ppo.max_new_tokens`` sampled tokens (temperature 1,
 no top-k/top-p), fp32, ``--threads`` torch threads. ``--impl ours|trl`` runs one side only (the TRL side
 imports nothing from ``pipeline``, so it runs in TRL's venv).
@@ -291,6 +291,10 @@ def main() -> None:
         return
     if args.trl_python and not args.fixtures:
         raise SystemExit("--trl-python needs --fixtures (TRL loads the same models and prompts from there)")
+    if args.trl_python and any(o.replace(" ", "") == "ppo.advantage=group" for o in args.overrides):
+        raise SystemExit(
+            "ppo.advantage=group has no critic and several samples per prompt: not TRL's PPO; use --impl ours"
+        )
     # alternate ours / TRL so that both see the same machine load; report the median of each
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
     for i in range(args.repeats):

@@ -534,13 +534,16 @@ class PPOStageConfig:
             problems.append(
                 f"ppo.minibatch_size={self.minibatch_size} exceeds ppo.rollout_batch_size={self.rollout_batch_size}"
             )
-        if self.rollout_batch_size % self.samples_per_prompt:
+        if self.samples_per_prompt >= 1 and self.rollout_batch_size % self.samples_per_prompt:
             problems.append(
                 f"ppo.samples_per_prompt={self.samples_per_prompt} must divide "
                 f"ppo.rollout_batch_size={self.rollout_batch_size}"
             )
         if self.advantage == "group" and self.samples_per_prompt < 2:
-            problems.append("ppo.advantage=group needs ppo.samples_per_prompt >= 2 (a baseline from the other samples)")
+            problems.append(
+                f"ppo.advantage=group needs ppo.samples_per_prompt >= 2 (a baseline from the other samples), "
+                f"got {self.samples_per_prompt}"
+            )
         if self.temperature <= 0:
             problems.append(f"ppo.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

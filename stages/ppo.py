@@ -7,7 +7,7 @@ Reads runs/<run>/sft/artifact (or ``ppo.policy_from``) and runs/<run>/reward/art
 writes runs/<run>/ppo/artifact (the aligned causal LM + tokenizer + generation_config), metrics.jsonl,
 curves.png, eval_answers.jsonl (greedy SFT and PPO answers to the held-out prompts with their reward-model
 scores; the manifest's ``rm_vs_checker`` compares those scores with the task checker, see
-``pipeline/agreement.py``) and checkpoints/step_N (policy+value, optimizer, scheduler, RNGs, KL controller, prompt cursor).
+``pipeline/agreement.py``) and checkpoints/step_N (policy and value model, or the policy alone under ``ppo.advantage=group``; optimizer, scheduler, RNGs, KL controller, prompt cursor).
 A killed run started again resumes from the newest complete checkpoint; a finished one does nothing.
 """
 
@@ -59,7 +59,7 @@ def _body(ctx: StageContext) -> StageResult:
     policy_from = cfg.policy_from or ctx.upstream("sft").artifact
     reward_from = cfg.reward_from or ctx.upstream("reward").artifact
     # loaded before the Accelerator exists, so ZeRO-3 does not partition them at load time: the frozen
-    # reference and reward model stay whole, and prepare() shards only policy+value
+    # reference and reward model stay whole, and prepare() shards only the trained policy (and value model)
     m = load_models(policy_from, reward_from, cfg.trust_remote_code, critic=cfg.advantage != "group")
     accelerator = make_accelerator()
     set_seed(seed, device_specific=True)  # each process samples its own responses

@@ -244,6 +244,34 @@ def test_group_advantage_samples_each_prompt_in_a_row_and_learns():
     assert sum(rewards[-2:]) / 2 > 2 * max(sum(rewards[:2]) / 2, 0.3), rewards
 
 
+def test_group_advantage_gives_tied_samples_no_advantage_and_ranks_distinct_prompts():
+    # every sample of a prompt scores the same: no signal, whatever the responses' lengths (no mean shift)
+    tr = make_trainer(
+        advantage="group", samples_per_prompt=4, rollout_batch_size=8, minibatch_size=4,
+        score_fn=lambda q, qm, r, rm: q[:, -1].float(),
+    )  # fmt: skip
+    q, qm = tr._prompt_batch(PROMPTS, list(range(len(PROMPTS))))
+    ro = tr.rollout(q, qm)
+    assert ro.response_mask.sum(1).unique().numel() > 1  # responses of several lengths
+    stats = tr.update(ro)
+    assert ro.advantages is not None and ro.advantages.abs().max() == 0
+    assert "value_loss" not in stats and "explained_variance" not in stats  # no critic, no value statistics
+    # two processes: each rank takes its own prompts, each repeated in consecutive rows
+    from types import SimpleNamespace
+
+    batches = []
+    for rank in (0, 1):
+        tr = make_trainer(advantage="group", samples_per_prompt=2, rollout_batch_size=4, minibatch_size=2)
+        tr.accelerator = SimpleNamespace(process_index=rank, num_processes=2)
+        for _ in range(2):
+            q, qm = tr._prompt_batch(PROMPTS, list(range(len(PROMPTS))))
+            batches.append((rank, [tuple(r[m.bool()].tolist()) for r, m in zip(q, qm)]))
+        assert tr.cursor == 8  # 2 steps x 2 prompts x 2 processes
+    seen = [rows[::2] for _, rows in batches]
+    assert all(rows[0::2] == rows[1::2] for _, rows in batches)  # each prompt twice in a row
+    assert sorted(p for rows in seen for p in rows) == sorted(tuple(p) for p in PROMPTS)  # every prompt once
+
+
 def test_group_advantage_config_errors():
     with pytest.raises(ValueError, match="needs no value_model"):
         policy, value = tiny_models()
@@ -254,6 +282,8 @@ def test_group_advantage_config_errors():
         PPOStageConfig(advantage="group")
     with pytest.raises(ConfigError, match="must divide ppo.rollout_batch_size=64"):
         PPOStageConfig(samples_per_prompt=3)
+    with pytest.raises(ConfigError, match="samples_per_prompt must be >= 1, got 0"):
+        PPOStageConfig(samples_per_prompt=0)
 
 
 def test_reward_model_scores_prompt_response_and_end_token():
@@ -512,7 +542,7 @@ def test_two_processes_train_agree_and_resume(tmp_path, launch):
 
 @pytest.mark.slow
 def test_two_processes_group_advantage_trains_and_resumes(tmp_path):
-    """Group advantages under DDP: the critic's loss is left out (zero gradients), and a resumed run is the same."""
+    """Group advantages under DDP (no critic at all): the policy trains, and a resumed run is the same."""
     import json
     import shutil
 
@@ -530,6 +560,7 @@ def test_two_processes_group_advantage_trains_and_resumes(tmp_path):
     shutil.rmtree(sd.artifact)
     shutil.rmtree(sd.checkpoints / "step_000003")
     _launch(tmp_path, "ddp", args, "resume")
+    assert [r["step"] for r in sd.read_metrics()] == [1, 2, 3, 3]
     w_res = _artifact_weights(cfg)
     for k in w_full:
         torch.testing.assert_close(w_res[k], w_full[k], atol=1e-6, rtol=0)

@@ -53,7 +53,7 @@ from pipeline.checkpoint import generator_state, load_checkpoint, save_checkpoin
 from pipeline.config import PPOStageConfig
 from pipeline.runs import StageDir, StageError
 
-from .gae import compute_gae, group_advantages, masked_mean, masked_whiten
+from .gae import compute_gae, group_advantages, masked_mean, masked_var, masked_whiten
 from .kl import compute_rewards, make_kl_controller
 from .losses import explained_variance, policy_loss, value_loss
 from .rollout import (
@@ -313,7 +313,7 @@ class PPOTrainer:
             vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, c.cliprange_value)
             loss = loss + c.vf_coef * vf_loss
         else:  # group advantages: no critic
-            vf_loss, vf_stats = torch.zeros(()), {"vf_clipfrac": torch.zeros(())}
+            vf_loss, vf_stats = torch.zeros(()), {}
         if c.entropy_coef:
             loss = loss - c.entropy_coef * ent
         if not torch.isfinite(loss):
@@ -342,7 +342,12 @@ class PPOTrainer:
         else:
             advantages, returns = compute_gae(rewards, ro.values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            # group advantages are already centred per prompt; a token-weighted mean shift would give tied groups
+            # a non-zero advantage that favours their length, so they are only rescaled
+            if c.advantage == "group":
+                advantages = advantages * torch.rsqrt(masked_var(advantages, mask) + 1e-8)
+            else:
+                advantages = masked_whiten(advantages, mask)
         ro.advantages, ro.returns = advantages, returns
         self.model.train()
         self.minibatch_stats = []
@@ -359,11 +364,17 @@ class PPOTrainer:
         stats.update(
             kl=seq_kl.mean().item(),
             non_score_reward=(-self.kl_ctl.value * seq_kl).mean().item(),
-            explained_variance=explained_variance(ro.values, returns, mask).item(),
             advantage_mean=masked_mean(advantages, mask).item(),
             return_mean=masked_mean(returns, mask).item(),
-            value_mean=masked_mean(ro.values, mask).item(),
         )
+        if c.advantage == "group":  # no critic: no value statistics
+            for k in ("value_loss", "vf_clipfrac"):
+                stats.pop(k, None)
+        else:
+            stats.update(
+                explained_variance=explained_variance(ro.values, returns, mask).item(),
+                value_mean=masked_mean(ro.values, mask).item(),
+            )
         return stats
 
     # ------------------------------------------------------------------ one step
@@ -461,7 +472,7 @@ class PPOTrainer:
                     stage_dir.append_metrics(record)
                 if self.step % c.log_interval == 0:
                     log.info(
-                        "step %d/%d reward %.3f kl %.3f entropy %.3f len %.1f ended %.2f pg %.4f vf %.4f %.1f prompts/s",
+                        "step %d/%d reward %.3f kl %.3f entropy %.3f len %.1f ended %.2f pg %.4f%s %.1f prompts/s",
                         self.step,
                         c.steps,
                         stats["reward"],
@@ -470,7 +481,7 @@ class PPOTrainer:
                         stats["response_length"],
                         stats["ended"],
                         stats["policy_loss"],
-                        stats["value_loss"],
+                        f" vf {stats['value_loss']:.4f}" if "value_loss" in stats else "",
                         stats["prompts_per_s"],
                     )
                 self.prior_wall_time_s += time.time() - t_start
@@ -570,7 +581,7 @@ class PPOTrainer:
         self.prior_wall_time_s = float(state.get("wall_time_s", 0.0))
 
     def save(self, stage_dir: StageDir) -> Path:
-        """Checkpoint policy+value, optimizer, scheduler, RNGs and loop state (call on every process)."""
+        """Checkpoint the trained model(s), optimizer, scheduler, RNGs and loop state (call on every process)."""
         return save_checkpoint(self.accelerator, stage_dir, self.step, self.cfg.keep_checkpoints, self.state_dict())
 
     def load(self, path: Path) -> None:
