@@ -489,7 +489,8 @@ class PPOStageConfig:
     kl_horizon: int = 10000
     """Samples over which the adaptive controller corrects its error (Ziegler et al.: 10000)."""
     whiten_advantages: bool = True
-    """Normalise advantages to mean 0, std 1 over the rollout's response tokens."""
+    """Normalise advantages to mean 0, std 1 over the rollout's response tokens (group advantages, already
+    centred per prompt, are only scaled to std 1)."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response that never produces the end-of-turn token."""
     reference_dtype: Literal["float32", "bfloat16"] = "float32"
