@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from task_args import add_task_arguments, task_records
 
 
 def main() -> None:
@@ -28,21 +29,16 @@ def main() -> None:
     ap.add_argument("sft", help="model folder (runs/<run>/sft/artifact)")
     ap.add_argument("--sigmas", default="0.01,0.03,0.1", help="noise scales, relative to each tensor's std")
     ap.add_argument("--seeds", type=int, default=4, help="draws per sigma")
-    ap.add_argument("--n", type=int, default=200, help="held-out prompts")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--config", default="configs/tiny.yaml", help="run config whose data.tasks made the model")
-    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.tasks.max_operand=19")
+    add_task_arguments(ap)
     a = ap.parse_intermixed_args()
     torch.set_num_threads(a.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.config import load_config
-    from pipeline.data.tasks import check_answer, generate_tasks
+    from pipeline.data.tasks import check_answer
     from pipeline.evaluate import generate_responses
 
-    records = generate_tasks(load_config(a.config, a.overrides).data.tasks).ppo_eval[: a.n]
+    records = task_records(a, "ppo_eval")
     prompts = [r["prompt"] for r in records]
     tok = AutoTokenizer.from_pretrained(a.sft)
     model = AutoModelForCausalLM.from_pretrained(a.sft).eval()

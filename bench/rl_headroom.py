@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from task_args import add_task_arguments, task_records
 
 
 def main() -> None:
@@ -32,29 +33,23 @@ def main() -> None:
     ap.add_argument("sft", help="SFT model folder (runs/<run>/sft/artifact)")
     ap.add_argument("reward", help="reward model folder (runs/<run>/reward/artifact)")
     ap.add_argument("--samples", type=int, default=8, help="samples per prompt (k)")
-    ap.add_argument("--n", type=int, default=200, help="prompts")
     ap.add_argument(
         "--split",
         choices=("ppo_eval", "ppo_train"),
         default="ppo_eval",
         help="held-out prompts (what the report measures) or PPO's training prompts (what PPO optimises on)",
     )
-    ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--config", default="configs/tiny.yaml", help="run config whose data.tasks made the models")
-    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.tasks.max_operand=19")
+    add_task_arguments(ap)
     a = ap.parse_intermixed_args()
     torch.set_num_threads(a.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.agreement import format_best_of_k
-    from pipeline.config import load_config
-    from pipeline.data.tasks import generate_tasks
     from pipeline.reward import load_reward_model, policy_best_of_k
 
-    records = getattr(generate_tasks(load_config(a.config, a.overrides).data.tasks), a.split)[: a.n]
+    records = task_records(a, a.split)
     tok = AutoTokenizer.from_pretrained(a.sft)
     policy = AutoModelForCausalLM.from_pretrained(a.sft).eval()
     rm, rm_tok = load_reward_model(a.reward)
