@@ -93,7 +93,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     wall = sum(times)
     return {
         "impl": "ours",
-        "prompts_per_s": args.steps * (c.rollout_batch_size // c.samples_per_prompt) / wall,
+        "prompts_per_s": args.steps * c.prompts_per_step / wall,
         "rollout_tokens_per_s": tokens / wall,
         "step_s": wall / args.steps,
         "response_length": tokens / (args.steps * c.rollout_batch_size),

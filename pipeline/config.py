@@ -514,6 +514,11 @@ class PPOStageConfig:
     log_interval: int = 1
     trust_remote_code: bool = False
 
+    @property
+    def prompts_per_step(self) -> int:
+        """Distinct prompts per PPO step (per process): ``rollout_batch_size / samples_per_prompt``."""
+        return self.rollout_batch_size // self.samples_per_prompt
+
     def __post_init__(self) -> None:
         problems = []
         for k in (

@@ -309,16 +309,17 @@ class PPOTrainer:
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, c.cliprange)
         ent = masked_mean(entropy, mask)
         loss = pg_loss
-        if c.advantage != "group":
+        parts = {"policy_loss": pg_loss, "entropy": ent, **pg_stats}
+        if c.advantage != "group":  # group advantages have no critic
             vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, c.cliprange_value)
             loss = loss + c.vf_coef * vf_loss
-        else:  # group advantages: no critic
-            vf_loss, vf_stats = torch.zeros(()), {}
+            parts.update(value_loss=vf_loss, **vf_stats)
         if c.entropy_coef:
             loss = loss - c.entropy_coef * ent
         if not torch.isfinite(loss):
+            losses = ", ".join(f"{k} {parts[k].item()}" for k in ("policy_loss", "value_loss") if k in parts)
             raise StageError(
-                f"ppo: non-finite loss at step {self.step + 1} (policy {pg_loss.item()}, value {vf_loss.item()}); "
+                f"ppo: non-finite loss at step {self.step + 1} ({losses}); "
                 "the last good checkpoint is kept. Lower ppo.lr or check the reward model's scores."
             )
         self.accelerator.backward(loss)
@@ -328,9 +329,7 @@ class PPOTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "entropy": ent.item()}
-        stats.update({k: v.item() for k, v in {**pg_stats, **vf_stats}.items()})
-        return stats
+        return {k: v.item() for k, v in parts.items()}
 
     def update(self, ro: Rollout) -> dict[str, float]:
         """Advantages for one rollout, then ``ppo_epochs`` passes of shuffled minibatches; returns mean statistics."""
@@ -367,10 +366,7 @@ class PPOTrainer:
             advantage_mean=masked_mean(advantages, mask).item(),
             return_mean=masked_mean(returns, mask).item(),
         )
-        if c.advantage == "group":  # no critic: no value statistics
-            for k in ("value_loss", "vf_clipfrac"):
-                stats.pop(k, None)
-        else:
+        if c.advantage != "group":  # the critic's statistics
             stats.update(
                 explained_variance=explained_variance(ro.values, returns, mask).item(),
                 value_mean=masked_mean(ro.values, mask).item(),
@@ -381,7 +377,7 @@ class PPOTrainer:
 
     def _prompt_batch(self, prompts: list[list[int]], order: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         G, rank, world = self.cfg.samples_per_prompt, self.accelerator.process_index, self.accelerator.num_processes
-        n = self.cfg.rollout_batch_size // G  # distinct prompts per process, each sampled G times in a row
+        n = self.cfg.prompts_per_step  # distinct prompts per process, each sampled G times in a row
         start = self.cursor + rank * n
         batch = [prompts[order[(start + i) % len(order)]] for i in range(n) for _ in range(G)]
         self.cursor += n * world
@@ -420,9 +416,7 @@ class PPOTrainer:
         self.kl_ctl.update(stats["kl"], self.cfg.rollout_batch_size * world)
         self.step += 1
         stats["step_time_s"] = time.perf_counter() - t0
-        stats["prompts_per_s"] = (
-            self.cfg.rollout_batch_size // self.cfg.samples_per_prompt * world / stats["step_time_s"]
-        )
+        stats["prompts_per_s"] = self.cfg.prompts_per_step * world / stats["step_time_s"]
         return stats
 
     # ------------------------------------------------------------------ the loop
