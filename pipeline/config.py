@@ -359,6 +359,19 @@ class RewardStageConfig:
     init_from: str = ""
     """'' = the SFT artifact of this run; else an HF model dir or Hub name."""
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    objective: Literal["bradley_terry", "dpo"] = "bradley_terry"
+    """bradley_terry: a scalar head on the backbone (``AutoModelForSequenceClassification``), the usual reward
+    model; dpo: the init model trained with the DPO loss on the same pairs, whose reward is DPO's implicit
+    reward ``dpo_beta * log pi(y|x) / pi_ref(y|x)`` against the frozen init model (``pipeline/implicit_reward.py``;
+    PPO then needs ``ppo.advantage=group``). Every comparison is one DPO pair (``kwise`` does not apply)."""
+    dpo_beta: float = 0.1
+    """DPO's beta (objective=dpo): the scale of the implicit reward and the strength of the pull to the reference."""
+    on_policy_samples: int = 0
+    """Add pairs ranked by the task checker on the init (SFT) model's own samples: this many samples per
+    training prompt that has a checker, each wrong one paired with a right response (InstructGPT ranked model
+    samples). 0: the dataset's pairs only."""
+    on_policy_pairs: int = 4
+    """At most this many on-policy pairs per prompt."""
     kwise: Literal["grouped", "pairs"] = "grouped"
     """grouped: all C(K,2) pairs of a prompt in one batch, weighted 1/C(K,2) (InstructGPT);
     pairs: expand to independent shuffled pairs."""
@@ -395,10 +408,15 @@ class RewardStageConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for k in ("best_of_k", "best_of_k_prompts"):
+        for k in ("best_of_k", "best_of_k_prompts", "on_policy_samples"):
             if getattr(self, k) < 0:
                 problems.append(f"reward.{k} must be >= 0, got {getattr(self, k)}")
+        if self.dpo_beta <= 0:
+            problems.append(f"reward.dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.objective == "dpo" and self.margin:
+            problems.append("reward.margin applies to objective=bradley_terry only; set reward.margin=false for dpo")
         for k in (
+            "on_policy_pairs",
             "batch_size",
             "grad_accum",
             "save_steps",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ __all__ = [
     "evaluate_rankings",
     "reward_stats",
     "policy_reward_stats",
+    "on_policy_groups",
     "policy_best_of_k",
     "MetricsCallback",
     "StopOnSignal",
@@ -75,9 +77,16 @@ def load_reward_model(model_dir: str, trust_remote_code: bool = False) -> tuple[
     token (``pipeline.tokenizer.ensure_chat_tokens``, as SFT does for external models), so the reward model
     scores the same chat format the policy writes; the embeddings grow when tokens were added.
 
+    A dir with ``implicit_reward.json`` (``reward.objective=dpo``) loads as
+    :class:`pipeline.implicit_reward.ImplicitReward`, which :func:`score_texts` scores the same way.
+
     Returns:
         (model in float32 with ``num_labels == 1`` and ``config.pad_token_id`` set, tokenizer).
     """
+    from .implicit_reward import is_implicit_reward_dir, load_implicit_reward
+
+    if is_implicit_reward_dir(model_dir):  # reward.objective=dpo: a causal LM and its reference
+        return load_implicit_reward(model_dir, trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     ensure_chat_tokens(tokenizer)  # a no-op for the pipeline's own tokenizer
     with suppress_seqcls_warning():
@@ -125,7 +134,8 @@ def score_texts(
     context keeps its last tokens, with a warning. The model's train/eval mode is restored.
 
     Args:
-        model: a sequence classifier with one label (a DDP wrapper is unwrapped).
+        model: a sequence classifier with one label (a DDP wrapper is unwrapped), or an
+            :class:`~pipeline.implicit_reward.ImplicitReward`.
         tokenizer: its tokenizer, with a chat template.
         prompts: user-message strings or chat-message lists.
         responses: one response per prompt.
@@ -134,6 +144,8 @@ def score_texts(
     Returns:
         Float32 tensor of shape (N,) on the CPU.
     """
+    if getattr(model, "is_implicit_reward", False):  # reward.objective=dpo
+        return model.score_texts(tokenizer, prompts, responses, batch_size)
     model = getattr(model, "module", model)
     if len(prompts) != len(responses):
         raise ValueError(f"score_texts: {len(prompts)} prompts but {len(responses)} responses")
@@ -518,6 +530,52 @@ def policy_best_of_k(
     )
     scores = score_texts(reward_model, reward_tokenizer or tokenizer, many, samples, batch_size).tolist()
     return best_of_k(records, greedy, samples, scores, k)
+
+
+def on_policy_groups(
+    policy: Any,
+    tokenizer: Any,
+    groups: list[PreferenceGroup],
+    k: int,
+    pairs_per_prompt: int,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[PreferenceGroup]:
+    """Preference pairs on the policy's own samples, ranked by the task checker (InstructGPT's labellers
+    ranked model samples; here the checker labels them).
+
+    For each group of ``groups`` whose prompt is a single message with a checker (``task``/``answer`` in its
+    meta; a prompt that several groups share is sampled for each), ``k`` responses are sampled (temperature 1, ``seed``). Every distinct wrong sample is paired with a
+    right response (the record's answer, or a right sample); at most ``pairs_per_prompt`` pairs per prompt,
+    picked with a seeded shuffle. Each pair is a K=2 group with the checker's scores (so ``reward.margin``
+    applies to it as to the generated data) and the prompt's meta.
+
+    Returns:
+        The new groups, in prompt order (empty when no prompt has a checker).
+    """
+    from .data.tasks import score_answer
+    from .evaluate import has_checker
+
+    todo = [(g.prompt, g.meta) for g in groups if isinstance(g.prompt, str) and has_checker(g.meta)]
+    if not todo or k < 1 or pairs_per_prompt < 1:
+        return []
+    many = [p for p, _ in todo for _ in range(k)]
+    samples = generate_responses(
+        policy, tokenizer, many, max_new_tokens, batch_size=batch_size, do_sample=True, seed=seed
+    )
+    rng = random.Random(seed)
+    out = []
+    for i, (prompt, meta) in enumerate(todo):
+        scored = {s: score_answer(meta, s) for s in [str(meta["answer"]), *samples[i * k : (i + 1) * k]]}
+        right = [s for s, v in scored.items() if v == 1.0]
+        wrong = [s for s, v in scored.items() if v < 1.0]
+        pairs = [(r, w) for r in right for w in wrong]
+        rng.shuffle(pairs)
+        for r, w in pairs[:pairs_per_prompt]:
+            out.append(PreferenceGroup(prompt, [r, w], [0, 1], scores=[scored[r], scored[w]],
+                                       location=f"on-policy sample of {meta.get('id', prompt)!r}", meta=dict(meta)))  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------- trainer plumbing

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from accelerate.utils import set_seed
 
@@ -26,6 +27,7 @@ from pipeline.hf_trainer import context_length
 from pipeline.rl.components import (
     CheckerReward,
     evaluate_held_out,
+    implicit_score_fn,
     load_models,
     load_reward_stats,
     make_accelerator,
@@ -79,9 +81,11 @@ def _body(ctx: StageContext) -> StageResult:
 
     if cfg.reward == "model" and accelerator.is_main_process:
         _warn_if_no_visible_gain(reward_from)
-    checker = None
+    checker: Any = None
     if cfg.reward == "checker":  # the oracle ablation: PPO against the task checker instead of the reward model
         checker = CheckerReward(m.tokenizer, train_ids + held_ids, data.train + held)
+    elif getattr(m.reward_model, "is_implicit_reward", False):  # reward.objective=dpo: scored through LM heads
+        checker = implicit_score_fn(m.reward_model.to(accelerator.device), m.stop_ids, m.pad_id)
     trainer = PPOTrainer(
         cfg,
         accelerator,

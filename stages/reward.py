@@ -4,8 +4,12 @@
 
 Reads ``runs/<run>/sft/artifact`` (or ``reward.init_from``) and the ranked responses of
 ``reward.dataset``; pairwise data trains with TRL's ``RewardTrainer``, K-wise rankings with the grouped
-InstructGPT loss (``reward.kwise``). Writes ``runs/<run>/reward/artifact/``: the classifier
-(``AutoModelForSequenceClassification``, num_labels=1) + tokenizer, ``reward_stats.json`` (reward mean/std
+InstructGPT loss (``reward.kwise``). ``reward.objective=dpo`` trains the init model itself with the DPO
+loss instead, and its reward is DPO's implicit reward (``pipeline/implicit_reward.py``).
+``reward.on_policy_samples`` adds pairs on the init model's own samples ranked by the task checker
+(``on_policy_pairs.jsonl`` in the stage folder). Writes ``runs/<run>/reward/artifact/``: the classifier
+(``AutoModelForSequenceClassification``, num_labels=1) + tokenizer (objective=dpo: the trained causal LM,
+its frozen reference in ``reference/`` and ``implicit_reward.json``), ``reward_stats.json`` (reward mean/std
 on SFT-policy samples of training prompts, for PPO) and ``eval_rewards.json`` (held-out rewards of each
 prompt's best and worst response). Resumes from the newest complete Trainer checkpoint; done: skipped.
 
@@ -17,20 +21,24 @@ the greedy answers, PPO against this reward model has no gain the reward model c
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from trl import RewardConfig
 
 from pipeline.agreement import pair_accuracy_by_kind
 from pipeline.data.preferences import PreferenceData, PreferenceGroup, load_preferences
 from pipeline.data.records import BadRecord
+from pipeline.data.tasks import write_jsonl
 from pipeline.evaluate import has_checker
 from pipeline.hf_trainer import (  # the Trainer plumbing SFT and reward share
     CheckpointMarker,
@@ -41,6 +49,13 @@ from pipeline.hf_trainer import (  # the Trainer plumbing SFT and reward share
     latest_complete_checkpoint,
     remove_incomplete_checkpoints,
 )
+from pipeline.implicit_reward import (
+    DPOCollator,
+    DPORewardTrainer,
+    add_reference_logprobs,
+    dpo_rows,
+    save_implicit_reward,
+)
 from pipeline.reward import (
     MetricsCallback,
     StopOnSignal,
@@ -49,6 +64,7 @@ from pipeline.reward import (
     evaluate_rankings,
     grouped_rows,
     load_reward_model,
+    on_policy_groups,
     pairwise_rows,
     policy_best_of_k,
     policy_reward_stats,
@@ -57,6 +73,7 @@ from pipeline.reward import (
 )
 from pipeline.runs import StageError, atomic_write_json
 from pipeline.stage import StageContext, StageResult, is_main_process, run_stage
+from pipeline.tokenizer import ensure_chat_tokens
 
 log = logging.getLogger("stages.reward")
 
@@ -180,6 +197,82 @@ def _best_of_k(
     )
 
 
+ON_POLICY_FILE = "on_policy_pairs.jsonl"
+
+
+def _on_policy(ctx: StageContext, groups: list[PreferenceGroup]) -> list[PreferenceGroup]:
+    """``reward.on_policy_samples``: pairs on the init model's own samples of the training prompts, ranked by
+    the task checker. Drawn once by the main process into ``<stage>/on_policy_pairs.jsonl`` (other processes
+    wait for it), so every process and every resume trains on the same pairs."""
+    rc = ctx.cfg.reward
+    path = ctx.dir.root / ON_POLICY_FILE
+    if not path.is_file() and is_main_process():
+        policy = AutoModelForCausalLM.from_pretrained(_init_dir(ctx), trust_remote_code=rc.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(_init_dir(ctx), trust_remote_code=rc.trust_remote_code)
+        ensure_chat_tokens(tok)
+        if policy.get_input_embeddings().num_embeddings < len(tok):
+            policy.resize_token_embeddings(len(tok))
+        new = on_policy_groups(policy.eval(), tok, groups, rc.on_policy_samples, rc.on_policy_pairs,
+                               rc.norm_max_new_tokens, max(rc.batch_size, 64), ctx.cfg.run.seed)  # fmt: skip
+        write_jsonl(
+            ({"prompt": g.prompt, "responses": g.responses, "scores": g.scores, "meta": g.meta} for g in new), path
+        )
+        log.info("reward: %d on-policy pairs from %d samples per prompt -> %s", len(new), rc.on_policy_samples, path)
+    deadline = time.monotonic() + 3600
+    while not path.is_file():  # another process is drawing them
+        if time.monotonic() > deadline:
+            raise StageError(f"reward: {path} did not appear within an hour (the main process drew the samples)")
+        time.sleep(0.5)
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        r = json.loads(line)
+        out.append(PreferenceGroup(r["prompt"], r["responses"], [0, 1], scores=r["scores"],
+                                   location=f"{path}:{i}", meta=r["meta"]))  # fmt: skip
+    if not out:
+        log.warning("reward: reward.on_policy_samples=%d gave no pairs (no training prompt has a task checker, "
+                    "or every sample was right)", rc.on_policy_samples)  # fmt: skip
+    return out
+
+
+def _dpo_trainer(
+    ctx: StageContext, data: PreferenceData, stopper: StopOnSignal
+) -> tuple[Any, Any, int, dict[str, int]]:
+    """The init model as a causal LM, its DPO rows (reference log-probs precomputed by the frozen init model)
+    and a :class:`DPORewardTrainer`; returns (trainer, tokenizer, number of training rows, dropped counts)."""
+    rc = ctx.cfg.reward
+    kw = {"trust_remote_code": rc.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(_init_dir(ctx), **kw)
+    ensure_chat_tokens(tokenizer)
+
+    def lm() -> Any:
+        m = AutoModelForCausalLM.from_pretrained(_init_dir(ctx), **kw)
+        if m.get_input_embeddings().num_embeddings < len(tokenizer):
+            m.resize_token_embeddings(len(tokenizer))
+        return m
+
+    model = lm()
+    max_length = rc.max_length or context_length(model)
+    train_rows, dropped_train = dpo_rows(tokenizer, data.train, max_length)
+    eval_rows, dropped_eval = dpo_rows(tokenizer, data.eval, max_length)
+    if not train_rows:
+        raise StageError(f"reward: every training comparison is longer than max_length={max_length} tokens")
+    add_reference_logprobs(lm().eval(), train_rows + eval_rows, tokenizer.pad_token_id, max(rc.batch_size, 32))
+    from datasets import Dataset
+
+    args = _training_args(ctx)
+    trainer = DPORewardTrainer(
+        model=model,
+        args=args,
+        data_collator=DPOCollator(tokenizer.pad_token_id),
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows and args.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        callbacks=_callbacks(ctx, stopper),
+        beta=rc.dpo_beta,
+    )
+    return trainer, tokenizer, len(train_rows), {"train": dropped_train, "eval": dropped_eval}
+
+
 @dataclass
 class _Trained:
     """What training hands to the evaluation on the main process."""
@@ -197,21 +290,33 @@ def _train(ctx: StageContext) -> _Trained:
     """Train (or resume) on every process and save the artifact; returns what the evaluation needs."""
     cfg, rc = ctx.cfg, ctx.cfg.reward
     data = _load_data(ctx)
+    n_on_policy = 0
+    if rc.on_policy_samples:
+        extra = _on_policy(ctx, data.train)
+        n_on_policy = len(extra)
+        data = dataclasses.replace(data, train=data.train + extra)
     set_seed(cfg.run.seed)  # the new score head is drawn from torch's RNG
-    model, tokenizer = load_reward_model(_init_dir(ctx), rc.trust_remote_code)
-    max_length = rc.max_length or context_length(model)
-    train_enc, dropped_train = encode_groups(tokenizer, data.train, max_length)
-    eval_enc, dropped_eval = encode_groups(tokenizer, data.eval, max_length)
-    if not train_enc or not eval_enc:
-        raise StageError(f"reward: every training or held-out group is longer than max_length={max_length} tokens")
-    grouped = rc.kwise == "grouped" and any(len(g.responses) > 2 for g, _ in train_enc)
-    to_rows = grouped_rows if grouped else pairwise_rows
-    train_rows = to_rows(train_enc, rc.margin)
     stopper = StopOnSignal()
-    trainer = build_reward_trainer(
-        model, tokenizer, train_rows, to_rows(eval_enc, rc.margin), _training_args(ctx), grouped,
-        _callbacks(ctx, stopper),
-    )  # fmt: skip
+    grouped = False
+    if rc.objective == "dpo":
+        trainer, tokenizer, n_rows, dropped = _dpo_trainer(ctx, data, stopper)
+        train_groups, eval_groups = data.train, data.eval
+    else:
+        model, tokenizer = load_reward_model(_init_dir(ctx), rc.trust_remote_code)
+        max_length = rc.max_length or context_length(model)
+        train_enc, dropped_train = encode_groups(tokenizer, data.train, max_length)
+        eval_enc, dropped_eval = encode_groups(tokenizer, data.eval, max_length)
+        if not train_enc or not eval_enc:
+            raise StageError(f"reward: every training or held-out group is longer than max_length={max_length} tokens")
+        grouped = rc.kwise == "grouped" and any(len(g.responses) > 2 for g, _ in train_enc)
+        to_rows = grouped_rows if grouped else pairwise_rows
+        train_rows = to_rows(train_enc, rc.margin)
+        trainer = build_reward_trainer(
+            model, tokenizer, train_rows, to_rows(eval_enc, rc.margin), _training_args(ctx), grouped,
+            _callbacks(ctx, stopper),
+        )  # fmt: skip
+        n_rows, dropped = len(train_rows), {"train": dropped_train, "eval": dropped_eval}
+        train_groups, eval_groups = [g for g, _ in train_enc], [g for g, _ in eval_enc]
     with stopper:
         output = trainer.train(resume_from_checkpoint=_resume_point(ctx))
     if stopper.stopped_by:
@@ -227,10 +332,13 @@ def _train(ctx: StageContext) -> _Trained:
         for name in ("training_args.bin", "chat_template.jinja"):
             (ctx.dir.artifact / name).unlink(missing_ok=True)
         tokenizer.save_pretrained(str(ctx.dir.artifact), save_jinja_files=False)
+        if rc.objective == "dpo":
+            save_implicit_reward(ctx.dir.artifact, _init_dir(ctx), rc.dpo_beta, tokenizer)
     counts = {
-        "train_groups": len(train_enc),
-        "train_rows": len(train_rows),
-        "dropped_too_long": {"train": dropped_train, "eval": dropped_eval},
+        "train_groups": len(train_groups),
+        "train_rows": n_rows,
+        "on_policy_pairs": n_on_policy,
+        "dropped_too_long": dropped,
         "skipped_bad_records": data.skipped,
         "skipped_examples": data.skipped_examples,
     }
@@ -240,8 +348,8 @@ def _train(ctx: StageContext) -> _Trained:
         device=trainer.args.device,
         grouped=grouped,
         train_loss=train_losses[-1] if train_losses else output.training_loss,
-        train=[g for g, _ in train_enc],
-        eval=[g for g, _ in eval_enc],
+        train=train_groups,
+        eval=eval_groups,
         data=counts,
     )
 
@@ -253,8 +361,8 @@ def _init_dir(ctx: StageContext) -> str:
 def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
     """Held-out ranking metrics and normalisation statistics of the artifact, loaded as a user loads it."""
     rc = ctx.cfg.reward
-    rm = AutoModelForSequenceClassification.from_pretrained(str(ctx.dir.artifact)).to(t.device)
-    tok = AutoTokenizer.from_pretrained(str(ctx.dir.artifact))
+    rm, tok = load_reward_model(str(ctx.dir.artifact), rc.trust_remote_code)  # a classifier or an ImplicitReward
+    rm = rm.to(t.device)
     ev = evaluate_rankings(rm, tok, t.eval, rc.batch_size, rc.margin)
     by_kind = pair_accuracy_by_kind(t.eval, ev.group_rewards)  # where it disagrees with the task checker
     policy = functools.cache(lambda: _load_policy(ctx, _init_dir(ctx), rm, tok))  # loaded once, when first needed
@@ -286,7 +394,13 @@ def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
              ev.pair_accuracy, ev.n_pairs, stats["mean"], stats["std"])  # fmt: skip
     extra = {
         "init_from": _init_dir(ctx),
-        "loss": "grouped (InstructGPT, each prompt weighted once)" if t.grouped else "pairwise Bradley-Terry (TRL)",
+        "loss": (
+            f"DPO, implicit reward (beta {rc.dpo_beta})"
+            if rc.objective == "dpo"
+            else "grouped (InstructGPT, each prompt weighted once)"
+            if t.grouped
+            else "pairwise Bradley-Terry (TRL)"
+        ),
         "data": {**t.data, "eval_groups": ev.n_groups, "eval_pairs": ev.n_pairs},
         "reward_stats": stats,
         "eval_rewards": rewards,

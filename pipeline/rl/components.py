@@ -20,6 +20,7 @@ __all__ = [
     "PPOModels",
     "load_models",
     "load_reward_stats",
+    "implicit_score_fn",
     "render_prompts",
     "CheckerReward",
     "evaluate_held_out",
@@ -56,7 +57,8 @@ class PPOModels:
     value_model: nn.Module | None
     """None without a critic (``ppo.advantage=group``)."""
     ref_model: nn.Module
-    reward_model: nn.Module
+    reward_model: Any
+    """A sequence classifier, or an :class:`~pipeline.implicit_reward.ImplicitReward`."""
     tokenizer: Any
     stop_ids: list[int]
     pad_id: int
@@ -66,7 +68,8 @@ def load_models(
     policy_from: str | Path, reward_from: str | Path, trust_remote_code: bool = False, critic: bool = True
 ) -> PPOModels:
     """Policy and frozen reference from the SFT model; value model (when ``critic``) and frozen reward model from
-    the reward model.
+    the reward model. An implicit (DPO) reward model (``reward.objective=dpo``) loads as
+    :class:`~pipeline.implicit_reward.ImplicitReward`, for PPO's ``score_fn``; it cannot start a value model.
 
     Raises:
         StageError: a model does not load, has no chat tokenizer, or the reward model's vocabulary
@@ -75,8 +78,15 @@ def load_models(
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from pipeline.evaluate import stop_token_ids
+    from pipeline.implicit_reward import is_implicit_reward_dir, load_implicit_reward
 
     kw = {"trust_remote_code": trust_remote_code}
+    implicit = is_implicit_reward_dir(reward_from)
+    if implicit and critic:
+        raise StageError(
+            f"ppo: the reward model at {reward_from} is an implicit (DPO) reward model (reward.objective=dpo): it has "
+            "no scalar head to start a value model from; set ppo.advantage=group (a baseline from several samples)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(policy_from), **kw)
         policy = AutoModelForCausalLM.from_pretrained(str(policy_from), **kw)
@@ -84,7 +94,10 @@ def load_models(
         value = (
             AutoModelForSequenceClassification.from_pretrained(str(reward_from), num_labels=1, **kw) if critic else None
         )
-        reward = AutoModelForSequenceClassification.from_pretrained(str(reward_from), num_labels=1, **kw)
+        if implicit:
+            reward: Any = load_implicit_reward(reward_from, trust_remote_code)[0]
+        else:
+            reward = AutoModelForSequenceClassification.from_pretrained(str(reward_from), num_labels=1, **kw)
     except (OSError, ValueError) as e:
         raise StageError(f"ppo: cannot load the models (policy {policy_from}, reward {reward_from}): {e}") from None
     if getattr(tokenizer, "chat_template", None) is None:
@@ -105,7 +118,7 @@ def load_models(
     if not stops:
         raise StageError(f"ppo: the tokenizer at {policy_from} has no <|end|>/<|endoftext|>/eos token to stop at")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
-    for m in (value, reward):
+    for m in (value, None if implicit else reward):
         if m is not None and m.config.pad_token_id is None:
             m.config.pad_token_id = pad_id
     return PPOModels(policy, value, ref, reward, tokenizer, stops, int(pad_id))
@@ -186,6 +199,18 @@ class CheckerReward:
             text = self.tokenizer.decode(r[rm.bool()].tolist(), skip_special_tokens=True)
             out.append(score_answer(self.by_prompt[key], text))
         return torch.tensor(out, dtype=torch.float32)
+
+
+def implicit_score_fn(reward: Any, stop_ids: list[int], pad_id: int) -> Any:
+    """A PPO ``score_fn`` of an :class:`~pipeline.implicit_reward.ImplicitReward`: the response gets its
+    end-of-turn token when generation stopped without one, as the reward model's training pairs had it."""
+    from pipeline.rl.rollout import ensure_end_token
+
+    def score(query_ids: Any, query_mask: Any, response_ids: Any, response_mask: Any) -> Any:
+        ids, mask = ensure_end_token(response_ids, response_mask, stop_ids, pad_id)
+        return reward.score_ids(query_ids, query_mask, ids, mask)
+
+    return score
 
 
 def evaluate_held_out(

@@ -1,0 +1,220 @@
+"""The implicit (DPO) reward model: loss, scoring paths, artifact, on-policy pairs, reward and PPO stages."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import shutil
+
+import pytest
+import torch
+
+import pipeline.implicit_reward as ir
+from pipeline.config import ConfigError, load_config
+from pipeline.data.preferences import PreferenceGroup
+from pipeline.implicit_reward import (
+    ImplicitReward,
+    add_reference_logprobs,
+    dpo_loss,
+    dpo_rows,
+    encode_prompt_response,
+    load_implicit_reward,
+    save_implicit_reward,
+)
+from pipeline.reward import load_reward_model, on_policy_groups, score_texts
+from pipeline.rl.rollout import left_pad
+from pipeline.runs import StageDir, StageError
+from tests.helpers_artifacts import make_tiny_lm, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(["yes no yes no Answer question 1 2 3 4 5"] * 20)
+
+
+def _pair(tok):
+    """Two different tiny LMs: a 'trained' model and its reference."""
+    return make_tiny_lm(tok, seed=1).eval(), make_tiny_lm(tok, seed=2).eval()
+
+
+def test_doctests():
+    assert doctest.testmod(ir).failed == 0
+
+
+def test_dpo_loss_by_hand_and_its_gradient_raises_chosen_over_rejected():
+    logps = torch.tensor([-1.0, -2.0, -4.0, -1.0], requires_grad=True)
+    ref = torch.tensor([-1.5, -1.5, -2.0, -2.0])
+    loss, margin = dpo_loss(logps, ref, beta=0.5)
+    # ratios 0.5, -0.5, -2, 1 -> margins 0.5 * (0.5 + 0.5) = 0.5 and 0.5 * (-2 - 1) = -1.5
+    assert margin.tolist() == pytest.approx([0.5, -1.5])
+    expected = (
+        -(torch.nn.functional.logsigmoid(torch.tensor(0.5)) + torch.nn.functional.logsigmoid(torch.tensor(-1.5))) / 2
+    )
+    assert loss.item() == pytest.approx(expected.item())
+    loss.backward()
+    g = logps.grad
+    assert g[0] < 0 and g[2] < 0 and g[1] > 0 and g[3] > 0  # descent raises chosen, lowers rejected
+
+
+def test_encode_prompt_response_is_the_policy_view(tok):
+    ids, start = encode_prompt_response(tok, "Answer 1", "yes")
+    head = tok(tok.apply_chat_template([{"role": "user", "content": "Answer 1"}], tokenize=False,
+                                       add_generation_prompt=True), add_special_tokens=False).input_ids  # fmt: skip
+    assert ids[:start] == head and start == len(head)
+    assert tok.decode(ids[start:]) == "yes<|end|>"  # the response ends with the end-of-turn token
+
+
+def test_implicit_reward_is_zero_against_itself_and_the_text_and_id_paths_agree(tok):
+    model, reference = _pair(tok)
+    same = ImplicitReward(model, model, 0.1, tok.pad_token_id)
+    prompts, responses = ["Answer 1", "Answer 22", "Answer 3"], ["yes", "no no yes", "yes no"]
+    assert torch.allclose(same.score_texts(tok, prompts, responses), torch.zeros(3), atol=1e-6)
+
+    rw = ImplicitReward(model, reference, 0.1, tok.pad_token_id)
+    text = score_texts(rw, tok, prompts, responses, batch_size=3)  # the reward stage's and report's path
+    assert torch.allclose(text, score_texts(rw, tok, prompts, responses, batch_size=1), atol=1e-5)
+    by_hand = []
+    for p, r in zip(prompts, responses):
+        ids, start = encode_prompt_response(tok, p, r)
+        x = torch.tensor([ids])
+        lp = [
+            torch.log_softmax(m(x).logits[0, :-1], -1).gather(-1, x[0, 1:, None])[start - 1 :].sum()
+            for m in (model, reference)
+        ]
+        by_hand.append(0.1 * float((lp[0] - lp[1]).detach()))
+    assert text.tolist() == pytest.approx(by_hand, abs=1e-5) and all(abs(x) > 1e-3 for x in by_hand)
+
+    # PPO's path: left-padded prompt ids + right-padded response ids (with <|end|>)
+    enc = [encode_prompt_response(tok, p, r) for p, r in zip(prompts, responses)]
+    q, qm = left_pad([ids[:s] for ids, s in enc], tok.pad_token_id)
+    resp = [torch.tensor(ids[s:]) for ids, s in enc]
+    width = max(len(x) for x in resp)
+    r_ids = torch.stack([torch.cat([x, x.new_full((width - len(x),), tok.pad_token_id)]) for x in resp])
+    r_mask = torch.stack([torch.arange(width) < len(x) for x in resp]).long()
+    assert torch.allclose(rw.score_ids(q, qm, r_ids, r_mask), text, atol=1e-5)
+
+
+def test_artifact_round_trip_through_load_reward_model(tmp_path, tok):
+    model, reference = _pair(tok)
+    ref_dir = tmp_path / "sft"
+    reference.save_pretrained(ref_dir)
+    tok.save_pretrained(ref_dir)
+    art = tmp_path / "artifact"
+    model.save_pretrained(art)
+    tok.save_pretrained(art)
+    save_implicit_reward(art, ref_dir, 0.25, tok)
+    assert json.loads((art / "implicit_reward.json").read_text())["beta"] == 0.25
+    shutil.rmtree(ref_dir)  # the artifact is self-contained
+    rw, rtok = load_reward_model(str(art))
+    assert isinstance(rw, ImplicitReward) and rw.beta == 0.25
+    assert all(not p.requires_grad for p in rw.model.parameters())
+    direct = ImplicitReward(model, reference, 0.25, tok.pad_token_id)
+    args = (["Answer 1", "Answer 2"], ["yes", "no"])
+    assert torch.allclose(score_texts(rw, rtok, *args), direct.score_texts(tok, *args), atol=1e-6)
+
+    (art / "implicit_reward.json").write_text('{"kind": "dpo"}')
+    with pytest.raises(ValueError, match="implicit_reward.json.*beta"):
+        load_implicit_reward(art)
+
+
+def test_dpo_rows_expand_every_comparison_with_reference_logprobs(tok):
+    groups = [PreferenceGroup("Answer 1", ["yes", "no", "yes yes"], [2, 0, 1]),
+              PreferenceGroup("Answer 2", ["no", "yes " * 80], [1, 0])]  # fmt: skip
+    rows, dropped = dpo_rows(tok, groups, max_length=40)
+    assert dropped == 1 and len(rows) == 3  # C(3,2) comparisons; the over-long pair is dropped
+    assert rows[0]["chosen_ids"] == encode_prompt_response(tok, "Answer 1", "yes yes")[0]
+    assert rows[0]["rejected_ids"] == encode_prompt_response(tok, "Answer 1", "yes")[0]
+    _, reference = _pair(tok)
+    add_reference_logprobs(reference, rows, tok.pad_token_id, batch_size=2)
+    for r in rows:  # batched and padded, the stored values are each response's own summed log-probs
+        for side in ("chosen", "rejected"):
+            x = torch.tensor([r[f"{side}_ids"]])
+            lp = torch.log_softmax(reference(x).logits[0, :-1], -1).gather(-1, x[0, 1:, None])
+            want = float(lp[r[f"{side}_start"] - 1 :].sum().detach())
+            assert r[f"ref_{side}"] == pytest.approx(want, abs=1e-4)
+
+
+def test_on_policy_groups_pair_right_over_wrong_by_the_checker(tok):
+    policy = make_tiny_lm(tok).eval()
+    meta = {"task": "add", "answer": "3", "id": "t-1"}
+    groups = [PreferenceGroup("Answer 1", ["3", "4"], [0, 1], meta=meta),
+              PreferenceGroup("Answer 1", ["3", "5"], [0, 1], meta=meta),  # a repeated prompt is sampled again
+              PreferenceGroup("no checker", ["a", "b"], [0, 1])]  # fmt: skip
+    out = on_policy_groups(policy, tok, groups, k=6, pairs_per_prompt=3, max_new_tokens=4, seed=0)
+    again = on_policy_groups(policy, tok, groups, k=6, pairs_per_prompt=3, max_new_tokens=4, seed=0)
+    assert [(g.responses, g.scores) for g in out] == [(g.responses, g.scores) for g in again]  # seeded
+    assert out and all(g.prompt == "Answer 1" and g.meta == meta and g.ranking == [0, 1] for g in out)
+    assert len(out) <= 2 * 3
+    from pipeline.data.tasks import score_answer
+
+    for g in out:
+        assert score_answer(meta, g.responses[0]) == 1.0 > score_answer(meta, g.responses[1])
+        assert g.scores == [score_answer(meta, r) for r in g.responses]
+    assert on_policy_groups(policy, tok, groups[2:], k=6, pairs_per_prompt=3, max_new_tokens=4) == []
+
+
+def test_reward_config_errors_name_the_keys():
+    with pytest.raises(ConfigError, match="reward.margin applies to objective=bradley_terry"):
+        load_config(None, ["reward.objective=dpo", "reward.margin=true"])
+    with pytest.raises(ConfigError, match="reward.dpo_beta must be > 0"):
+        load_config(None, ["reward.dpo_beta=0"])
+    with pytest.raises(ConfigError, match="reward.on_policy_samples must be >= 0"):
+        load_config(None, ["reward.on_policy_samples=-1"])
+    with pytest.raises(ConfigError, match="reward.on_policy_pairs must be >= 1"):
+        load_config(None, ["reward.on_policy_pairs=0"])
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def test_reward_stage_dpo_learns_rankings_and_ppo_trains_against_it(tmp_path):
+    from tests.test_reward import _kwise, _run, _setup
+
+    overrides = _setup(tmp_path, steps=60, extra=("reward.objective=dpo", "reward.dpo_beta=0.5", "reward.lr=1e-3"))
+    assert _run(overrides) == 0
+    rd = tmp_path / "runs" / "t" / "reward"
+    manifest = json.loads((rd / "manifest.json").read_text())
+    assert manifest["loss"].startswith("DPO") and manifest["metrics"]["pair_accuracy"] >= 0.85
+    assert (rd / "artifact" / "implicit_reward.json").is_file() and (rd / "artifact" / "reference").is_dir()
+    lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        any("train/accuracy" in x for x in lines) and lines[-1]["rm/accuracy"] == manifest["metrics"]["pair_accuracy"]
+    )
+    rw, tok = load_reward_model(str(rd / "artifact"))
+    held = _kwise(40, 4, 2, 1000)
+    best = [r["responses"][r["ranking"][0]] for r in held]
+    worst = [r["responses"][r["ranking"][-1]] for r in held]
+    prompts = [r["prompt"] for r in held]
+    assert (score_texts(rw, tok, prompts, best) > score_texts(rw, tok, prompts, worst)).float().mean() >= 0.9
+    before = (rd / "manifest.json").read_text()
+    assert _run(overrides) == 0 and (rd / "manifest.json").read_text() == before  # done: skipped
+
+
+def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantages(tmp_path):
+    from stages.ppo import main
+    from tests.test_ppo import stage_setup
+
+    group = ("ppo.advantage=group", "ppo.samples_per_prompt=2")
+    cfg, args = stage_setup(tmp_path, extra=group)
+    art = StageDir.of(cfg.run_dir, "reward").artifact
+    sft = StageDir.of(cfg.run_dir, "sft").artifact
+    tok = make_tokenizer()
+    for f in art.iterdir():  # replace the fake classifier by an implicit reward model on the SFT model
+        if f.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            f.unlink() if f.is_file() else shutil.rmtree(f)
+    make_tiny_lm(tok, seed=7).save_pretrained(art)  # the fake SFT model is seed 0
+    save_implicit_reward(art, sft, 0.1, tok)
+    assert main(args) == 0
+    manifest = json.loads(StageDir.of(cfg.run_dir, "ppo").manifest_path.read_text())
+    m = manifest["metrics"]
+    assert all(torch.isfinite(torch.tensor(m[k])) for k in ("reward_mean", "sft_reward_mean", "kl", "train_reward"))
+    assert m["sft_reward_mean"] != 0.0  # scored by the trained LM against its reference, not a zero stand-in
+
+    _, gae_args = stage_setup(tmp_path / "gae")
+    gae_art = StageDir.of(load_config(None, gae_args).run_dir, "reward").artifact
+    shutil.rmtree(gae_art)
+    shutil.copytree(art, gae_art)
+    with pytest.raises(StageError, match="implicit.*ppo.advantage=group"):
+        from pipeline.rl.components import load_models
+
+        load_models(StageDir.of(load_config(None, gae_args).run_dir, "sft").artifact, gae_art, critic=True)
