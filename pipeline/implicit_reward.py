@@ -143,6 +143,14 @@ class ImplicitReward:
         if len(prompts) != len(responses):
             raise ValueError(f"score_texts: {len(prompts)} prompts but {len(responses)} responses")
         encoded = [encode_prompt_response(tokenizer, p, r) for p, r in zip(prompts, responses)]
+        ctx = getattr(self.model.config, "n_positions", None) or getattr(
+            self.model.config, "max_position_embeddings", None
+        )
+        if ctx and any(len(ids) > ctx for ids, _ in encoded):
+            log.warning("score_texts: %d sequences longer than %d tokens keep their last %d",
+                        sum(len(ids) > ctx for ids, _ in encoded), ctx, ctx)  # fmt: skip
+            encoded = [(ids[-ctx:], max(1, start - (len(ids) - ctx))) if len(ids) > ctx else (ids, start)
+                       for ids, start in encoded]  # fmt: skip
         lp = _logprobs(self.model, encoded, self.pad_token_id, batch_size)
         ref = _logprobs(self.reference, encoded, self.pad_token_id, batch_size)
         return (self.beta * (lp - ref)).float()
@@ -166,12 +174,12 @@ def is_implicit_reward_dir(model_dir: str | Path) -> bool:
     return (Path(model_dir) / IMPLICIT_CONFIG).is_file()
 
 
-def save_implicit_reward(out_dir: str | Path, reference_dir: str | Path, beta: float, tokenizer: Any) -> None:
-    """Complete an artifact whose trained LM is already saved in ``out_dir``: copy the reference model into
-    ``out_dir/reference`` and write ``implicit_reward.json`` (main process only)."""
+def save_implicit_reward(out_dir: str | Path, reference: Any, beta: float, tokenizer: Any) -> None:
+    """Complete an artifact whose trained LM is already saved in ``out_dir``: save ``reference`` (the frozen
+    model the reference log-probs came from) into ``out_dir/reference`` and write ``implicit_reward.json``
+    (main process only)."""
     out = Path(out_dir)
-    ref = AutoModelForCausalLM.from_pretrained(str(reference_dir))
-    ref.save_pretrained(str(out / REFERENCE_DIR))
+    reference.save_pretrained(str(out / REFERENCE_DIR))
     tokenizer.save_pretrained(str(out / REFERENCE_DIR), save_jinja_files=False)
     (out / IMPLICIT_CONFIG).write_text(json.dumps({"kind": "dpo", "beta": beta, "reference": REFERENCE_DIR}, indent=2))
 
@@ -287,6 +295,15 @@ class DPORewardTrainer(Trainer):
             self._dpo_metrics["accuracy"].append(float((m > 0).float().mean()))
             self._dpo_metrics["margin"].append(float(m.mean()))
         return (loss, {"margin": margin}) if return_outputs else loss
+
+    def prediction_step(
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> tuple[torch.Tensor, None, None]:
+        """The DPO loss of a held-out batch (the base class would call the model without its inputs' meaning)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:

@@ -113,7 +113,7 @@ def _body(ctx: StageContext) -> StageResult:
     final, answers = evaluate_held_out(trainer, m.tokenizer, held, held_ids)
     save_policy(trainer, m.tokenizer, m.stop_ids, m.pad_id, ctx.dir.artifact)
     # with ppo.reward=checker the scores are the checker's own: nothing to compare
-    agreement = rm_vs_checker(answers, final.get("kl"), cfg.kl_target) if checker is None else None
+    agreement = rm_vs_checker(answers, final.get("kl"), cfg.kl_target) if cfg.reward != "checker" else None
     if accelerator.is_main_process:
         ctx.dir.append_metrics({"step": trainer.step, **{f"eval/{k}": v for k, v in final.items() if v is not None}})
         write_jsonl(answers, ctx.dir.root / "eval_answers.jsonl")

@@ -21,6 +21,7 @@ the greedy answers, PPO against this reward model has no gain the reward model c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -54,6 +55,7 @@ from pipeline.implicit_reward import (
     DPORewardTrainer,
     add_reference_logprobs,
     dpo_rows,
+    encode_prompt_response,
     save_implicit_reward,
 )
 from pipeline.reward import (
@@ -71,6 +73,7 @@ from pipeline.reward import (
     reward_stats,
     score_texts,
 )
+from pipeline.rl.rollout import disable_dropout
 from pipeline.runs import StageError, atomic_write_json
 from pipeline.stage import StageContext, StageResult, is_main_process, run_stage
 from pipeline.tokenizer import ensure_chat_tokens
@@ -212,7 +215,7 @@ def _on_policy(ctx: StageContext, groups: list[PreferenceGroup]) -> list[Prefere
         ensure_chat_tokens(tok)
         if policy.get_input_embeddings().num_embeddings < len(tok):
             policy.resize_token_embeddings(len(tok))
-        new = on_policy_groups(policy.eval(), tok, groups, rc.on_policy_samples, rc.on_policy_pairs,
+        new = on_policy_groups(policy.to(_device()).eval(), tok, groups, rc.on_policy_samples, rc.on_policy_pairs,
                                rc.norm_max_new_tokens, max(rc.batch_size, 64), ctx.cfg.run.seed)  # fmt: skip
         write_jsonl(
             ({"prompt": g.prompt, "responses": g.responses, "scores": g.scores, "meta": g.meta} for g in new), path
@@ -234,11 +237,19 @@ def _on_policy(ctx: StageContext, groups: list[PreferenceGroup]) -> list[Prefere
     return out
 
 
-def _dpo_trainer(
-    ctx: StageContext, data: PreferenceData, stopper: StopOnSignal
-) -> tuple[Any, Any, int, dict[str, int]]:
-    """The init model as a causal LM, its DPO rows (reference log-probs precomputed by the frozen init model)
-    and a :class:`DPORewardTrainer`; returns (trainer, tokenizer, number of training rows, dropped counts)."""
+def _device() -> Any:
+    """This process's GPU when there is one (for the passes made outside the Trainer), else the CPU."""
+    import os
+
+    import torch
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else "cpu"
+
+
+def _dpo_trainer(ctx: StageContext, data: PreferenceData, stopper: StopOnSignal) -> tuple[Any, ...]:
+    """The init model as a causal LM, its DPO rows (reference log-probs precomputed by a frozen copy of it) and a
+    :class:`DPORewardTrainer`. Groups with a sequence over the context are left out whole, as in
+    ``encode_groups``. Returns (trainer, reference, training rows, dropped groups, kept train / held-out groups)."""
     rc = ctx.cfg.reward
     kw = {"trust_remote_code": rc.trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(_init_dir(ctx), **kw)
@@ -251,12 +262,27 @@ def _dpo_trainer(
         return m
 
     model = lm()
+    disable_dropout(model)  # the reference log-probs are dropout-free
+    reference = copy.deepcopy(model).eval()  # the very weights (and any resized rows) training starts from
     max_length = rc.max_length or context_length(model)
-    train_rows, dropped_train = dpo_rows(tokenizer, data.train, max_length)
-    eval_rows, dropped_eval = dpo_rows(tokenizer, data.eval, max_length)
-    if not train_rows:
-        raise StageError(f"reward: every training comparison is longer than max_length={max_length} tokens")
-    add_reference_logprobs(lm().eval(), train_rows + eval_rows, tokenizer.pad_token_id, max(rc.batch_size, 32))
+
+    def fits(groups: list[PreferenceGroup]) -> list[PreferenceGroup]:  # as encode_groups: whole groups, or none
+        return [
+            g
+            for g in groups
+            if max(len(encode_prompt_response(tokenizer, g.prompt, r)[0]) for r in g.responses) <= max_length
+        ]
+
+    train, held = fits(data.train), fits(data.eval)
+    dropped = {"train": len(data.train) - len(train), "eval": len(data.eval) - len(held)}
+    if not train or not held:
+        raise StageError(f"reward: every training or held-out group is longer than max_length={max_length} tokens")
+    train_rows, _ = dpo_rows(tokenizer, train, max_length)
+    eval_rows, _ = dpo_rows(tokenizer, held, max_length)
+    add_reference_logprobs(
+        reference.to(_device()), train_rows + eval_rows, tokenizer.pad_token_id, max(rc.batch_size, 32)
+    )
+    reference.to("cpu")
     from datasets import Dataset
 
     args = _training_args(ctx)
@@ -270,7 +296,7 @@ def _dpo_trainer(
         callbacks=_callbacks(ctx, stopper),
         beta=rc.dpo_beta,
     )
-    return trainer, tokenizer, len(train_rows), {"train": dropped_train, "eval": dropped_eval}
+    return trainer, reference, len(train_rows), dropped, train, held
 
 
 @dataclass
@@ -299,8 +325,8 @@ def _train(ctx: StageContext) -> _Trained:
     stopper = StopOnSignal()
     grouped = False
     if rc.objective == "dpo":
-        trainer, tokenizer, n_rows, dropped = _dpo_trainer(ctx, data, stopper)
-        train_groups, eval_groups = data.train, data.eval
+        trainer, reference, n_rows, dropped, train_groups, eval_groups = _dpo_trainer(ctx, data, stopper)
+        tokenizer = trainer.processing_class
     else:
         model, tokenizer = load_reward_model(_init_dir(ctx), rc.trust_remote_code)
         max_length = rc.max_length or context_length(model)
@@ -333,7 +359,7 @@ def _train(ctx: StageContext) -> _Trained:
             (ctx.dir.artifact / name).unlink(missing_ok=True)
         tokenizer.save_pretrained(str(ctx.dir.artifact), save_jinja_files=False)
         if rc.objective == "dpo":
-            save_implicit_reward(ctx.dir.artifact, _init_dir(ctx), rc.dpo_beta, tokenizer)
+            save_implicit_reward(ctx.dir.artifact, reference, rc.dpo_beta, tokenizer)
     counts = {
         "train_groups": len(train_groups),
         "train_rows": n_rows,

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import pipeline.implicit_reward as ir
 from pipeline.config import ConfigError, load_config
@@ -102,7 +103,7 @@ def test_artifact_round_trip_through_load_reward_model(tmp_path, tok):
     art = tmp_path / "artifact"
     model.save_pretrained(art)
     tok.save_pretrained(art)
-    save_implicit_reward(art, ref_dir, 0.25, tok)
+    save_implicit_reward(art, AutoModelForCausalLM.from_pretrained(ref_dir), 0.25, tok)
     assert json.loads((art / "implicit_reward.json").read_text())["beta"] == 0.25
     shutil.rmtree(ref_dir)  # the artifact is self-contained
     rw, rtok = load_reward_model(str(art))
@@ -170,7 +171,8 @@ def test_reward_config_errors_name_the_keys():
 def test_reward_stage_dpo_learns_rankings_and_ppo_trains_against_it(tmp_path):
     from tests.test_reward import _kwise, _run, _setup
 
-    overrides = _setup(tmp_path, steps=60, extra=("reward.objective=dpo", "reward.dpo_beta=0.5", "reward.lr=1e-3"))
+    dpo = ("reward.objective=dpo", "reward.dpo_beta=0.5", "reward.lr=1e-3", "reward.eval_steps=30")
+    overrides = _setup(tmp_path, steps=60, extra=dpo)
     assert _run(overrides) == 0
     rd = tmp_path / "runs" / "t" / "reward"
     manifest = json.loads((rd / "manifest.json").read_text())
@@ -203,12 +205,13 @@ def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantag
         if f.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             f.unlink() if f.is_file() else shutil.rmtree(f)
     make_tiny_lm(tok, seed=7).save_pretrained(art)  # the fake SFT model is seed 0
-    save_implicit_reward(art, sft, 0.1, tok)
+    save_implicit_reward(art, AutoModelForCausalLM.from_pretrained(sft), 0.1, tok)
     assert main(args) == 0
     manifest = json.loads(StageDir.of(cfg.run_dir, "ppo").manifest_path.read_text())
     m = manifest["metrics"]
     assert all(torch.isfinite(torch.tensor(m[k])) for k in ("reward_mean", "sft_reward_mean", "kl", "train_reward"))
     assert m["sft_reward_mean"] != 0.0  # scored by the trained LM against its reference, not a zero stand-in
+    assert manifest["rm_vs_checker"] is not None  # the report's reward-model-vs-checker section
 
     _, gae_args = stage_setup(tmp_path / "gae")
     gae_art = StageDir.of(load_config(None, gae_args).run_dir, "reward").artifact
@@ -218,3 +221,33 @@ def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantag
         from pipeline.rl.components import load_models
 
         load_models(StageDir.of(load_config(None, gae_args).run_dir, "sft").artifact, gae_art, critic=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["ddp.yaml", "zero3.yaml"])
+def test_reward_stage_dpo_with_on_policy_pairs_two_processes(tmp_path, launch):
+    import subprocess
+    import sys
+
+    from tests.helpers_launch import child_env
+    from tests.test_reward import REPO, _setup
+
+    extra = ("reward.objective=dpo", "reward.dpo_beta=0.5", "reward.lr=1e-3", "reward.on_policy_samples=2")
+    overrides = _setup(tmp_path, steps=30, extra=extra)
+    for name in ("train", "eval"):  # a checker (task/answer) on every record, so on-policy pairs can be drawn
+        path = tmp_path / f"{name}.jsonl"
+        recs = [json.loads(line) for line in path.read_text().splitlines()]
+        for r in recs:
+            r.update(task="yes", answer=r["responses"][r["ranking"][0]])
+        path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+           "--config_file", f"configs/accelerate/{launch}", "-m", "stages.reward", *overrides]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rd = tmp_path / "runs" / "t" / "reward"
+    manifest = json.loads((rd / "manifest.json").read_text())
+    pairs = (rd / "on_policy_pairs.jsonl").read_text().splitlines()
+    assert manifest["data"]["on_policy_pairs"] == len(pairs) > 0 and manifest["metrics"]["steps"] == 30
+    assert manifest["loss"].startswith("DPO") and manifest["metrics"]["pair_accuracy"] >= 0.8
+    rw, _ = load_reward_model(str(rd / "artifact"))
+    assert isinstance(rw, ImplicitReward)
