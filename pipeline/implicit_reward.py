@@ -38,6 +38,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
 from trl.trainer.utils import pad
 
 from .data.preferences import PreferenceGroup, expand_comparisons
+from .hf_trainer import context_length
+from .reward import format_for_reward
+from .rl.losses import logprobs_from_logits
 from .tokenizer import ensure_chat_tokens
 
 __all__ = [
@@ -64,18 +67,17 @@ REFERENCE_DIR = "reference"
 def encode_prompt_response(tokenizer: Any, prompt: Any, response: str) -> tuple[list[int], int]:
     """Token ids of the prompt and response as the policy sees them, and where the response starts.
 
-    The prompt is rendered with the generation prompt (as PPO's rollouts are); the full sequence is the chat
-    template's rendering of the prompt plus the response as an assistant turn, so the response part ends with
-    the template's end-of-turn token.
+    The prompt is rendered with the generation prompt (as PPO's rollouts are); the full sequence is
+    :func:`pipeline.reward.format_for_reward`'s text, so the response part ends with the template's end-of-turn
+    token.
 
     Raises:
         ValueError: the template does not render the prompt as a prefix of the conversation.
     """
     turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     head = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(turns + [{"role": "assistant", "content": response}], tokenize=False)
     head_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(format_for_reward(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
     if ids[: len(head_ids)] != head_ids:
         raise ValueError("the chat template does not render the prompt as a prefix of prompt + response")
     return ids, len(head_ids)
@@ -86,7 +88,7 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """Summed log-probs ``(B,)`` of each right-padded sequence's tokens from position ``starts[i]`` on."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
-    lp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    lp = logprobs_from_logits(logits, input_ids[:, 1:])
     pos = torch.arange(1, input_ids.shape[1], device=input_ids.device)[None]
     mask = (pos >= starts[:, None]) & (attention_mask[:, 1:] > 0)
     return (lp * mask).sum(1)
@@ -143,9 +145,7 @@ class ImplicitReward:
         if len(prompts) != len(responses):
             raise ValueError(f"score_texts: {len(prompts)} prompts but {len(responses)} responses")
         encoded = [encode_prompt_response(tokenizer, p, r) for p, r in zip(prompts, responses)]
-        ctx = getattr(self.model.config, "n_positions", None) or getattr(
-            self.model.config, "max_position_embeddings", None
-        )
+        ctx = context_length(self.model)
         if ctx and any(len(ids) > ctx for ids, _ in encoded):
             log.warning("score_texts: %d sequences longer than %d tokens keep their last %d",
                         sum(len(ids) > ctx for ids, _ in encoded), ctx, ctx)  # fmt: skip
@@ -211,25 +211,29 @@ def load_implicit_reward(model_dir: str | Path, trust_remote_code: bool = False)
 # ----------------------------------------------------------------------------- training
 
 
-def dpo_rows(tokenizer: Any, groups: list[PreferenceGroup], max_length: int | None) -> tuple[list[dict[str, Any]], int]:
+def dpo_rows(
+    tokenizer: Any, groups: list[PreferenceGroup], max_length: int | None
+) -> tuple[list[dict[str, Any]], list[PreferenceGroup]]:
     """One row per comparison of every group: ``chosen_ids``/``rejected_ids`` and where each response
-    starts. A comparison with a sequence over ``max_length`` tokens is dropped.
+    starts. A group with any sequence over ``max_length`` tokens is dropped whole, as
+    :func:`pipeline.reward.encode_groups` drops it.
 
     Returns:
-        (rows, number of comparisons dropped).
+        (rows, the groups kept).
     """
-    rows, dropped = [], 0
+    rows, kept = [], []
     for g in groups:
         enc = [encode_prompt_response(tokenizer, g.prompt, r) for r in g.responses]
+        if max_length and max(len(ids) for ids, _ in enc) > max_length:
+            continue
+        kept.append(g)
         for c in expand_comparisons(g):
             (cw, sw), (cl, sl) = enc[c.winner], enc[c.loser]
-            if max_length and max(len(cw), len(cl)) > max_length:
-                dropped += 1
-                continue
             rows.append({"chosen_ids": cw, "chosen_start": sw, "rejected_ids": cl, "rejected_start": sl})
-    if dropped:
-        log.warning("dropped %d comparisons longer than %d tokens", dropped, max_length)
-    return rows, dropped
+    if len(kept) < len(groups):
+        log.warning("dropped %d of %d preference groups longer than %d tokens", len(groups) - len(kept), len(groups),
+                    max_length)  # fmt: skip
+    return rows, kept
 
 
 def add_reference_logprobs(reference: Any, rows: list[dict[str, Any]], pad_id: int, batch_size: int) -> None:

@@ -546,8 +546,8 @@ def on_policy_groups(
     ranked model samples; here the checker labels them).
 
     For each group of ``groups`` whose prompt is a single message with a checker (``task``/``answer`` in its
-    meta; a prompt that several groups share is sampled for each), ``k`` responses are sampled (temperature 1, ``seed``). Every distinct wrong sample is paired with a
-    right response (the record's answer, or a right sample); at most ``pairs_per_prompt`` pairs per prompt,
+    meta; a prompt that several groups share is sampled for each), ``k`` responses are sampled (temperature 1,
+    ``seed``). Every distinct wrong sample is paired with a right response (the record's answer, or a right sample); at most ``pairs_per_prompt`` pairs per prompt,
     picked with a seeded shuffle. Each pair is a K=2 group with the checker's scores (so ``reward.margin``
     applies to it as to the generated data) and the prompt's meta.
 

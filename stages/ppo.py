@@ -81,22 +81,22 @@ def _body(ctx: StageContext) -> StageResult:
 
     if cfg.reward == "model" and accelerator.is_main_process:
         _warn_if_no_visible_gain(reward_from)
-    checker: Any = None
+    score_fn: Any = None  # replaces the classifier reward model when set
     if cfg.reward == "checker":  # the oracle ablation: PPO against the task checker instead of the reward model
-        checker = CheckerReward(m.tokenizer, train_ids + held_ids, data.train + held)
+        score_fn = CheckerReward(m.tokenizer, train_ids + held_ids, data.train + held)
     elif getattr(m.reward_model, "is_implicit_reward", False):  # reward.objective=dpo: scored through LM heads
-        checker = implicit_score_fn(m.reward_model.to(accelerator.device), m.stop_ids, m.pad_id)
+        score_fn = implicit_score_fn(m.reward_model.to(accelerator.device), m.stop_ids, m.pad_id)
     trainer = PPOTrainer(
         cfg,
         accelerator,
         m.policy,
         m.value_model,
         m.ref_model,
-        None if checker is not None else m.reward_model,
+        None if score_fn is not None else m.reward_model,
         m.stop_ids,
         m.pad_id,
         reward_stats=load_reward_stats(reward_from),
-        score_fn=checker,
+        score_fn=score_fn,
         seed=seed,
     )
 

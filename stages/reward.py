@@ -55,7 +55,6 @@ from pipeline.implicit_reward import (
     DPORewardTrainer,
     add_reference_logprobs,
     dpo_rows,
-    encode_prompt_response,
     save_implicit_reward,
 )
 from pipeline.reward import (
@@ -173,12 +172,24 @@ def _normalisation(
     return {**stats, "source": "sft_samples"}
 
 
-def _load_policy(ctx: StageContext, init_dir: str, rm: Any, tok: Any) -> Any:
+def _init_tokenizer(ctx: StageContext) -> Any:
+    """The init model's tokenizer with the project's chat tokens and template (a no-op for its own tokenizer)."""
+    tok = AutoTokenizer.from_pretrained(_init_dir(ctx), trust_remote_code=ctx.cfg.reward.trust_remote_code)
+    ensure_chat_tokens(tok)
+    return tok
+
+
+def _init_lm(ctx: StageContext, tok: Any) -> Any:
+    """The init (SFT) model as a causal LM, its embeddings grown to ``tok`` when tokens were added."""
+    lm = AutoModelForCausalLM.from_pretrained(_init_dir(ctx), trust_remote_code=ctx.cfg.reward.trust_remote_code)
+    if lm.get_input_embeddings().num_embeddings < len(tok):
+        lm.resize_token_embeddings(len(tok))
+    return lm
+
+
+def _load_policy(ctx: StageContext, rm: Any, tok: Any) -> Any:
     """The SFT model the reward model starts from, as the policy PPO will start from."""
-    policy = AutoModelForCausalLM.from_pretrained(init_dir, trust_remote_code=ctx.cfg.reward.trust_remote_code)
-    if policy.get_input_embeddings().num_embeddings < len(tok):
-        policy.resize_token_embeddings(len(tok))
-    return policy.to(next(rm.parameters()).device).eval()
+    return _init_lm(ctx, tok).to(next(rm.parameters()).device).eval()
 
 
 def _best_of_k(
@@ -210,12 +221,9 @@ def _on_policy(ctx: StageContext, groups: list[PreferenceGroup]) -> list[Prefere
     rc = ctx.cfg.reward
     path = ctx.dir.root / ON_POLICY_FILE
     if not path.is_file() and is_main_process():
-        policy = AutoModelForCausalLM.from_pretrained(_init_dir(ctx), trust_remote_code=rc.trust_remote_code)
-        tok = AutoTokenizer.from_pretrained(_init_dir(ctx), trust_remote_code=rc.trust_remote_code)
-        ensure_chat_tokens(tok)
-        if policy.get_input_embeddings().num_embeddings < len(tok):
-            policy.resize_token_embeddings(len(tok))
-        new = on_policy_groups(policy.to(_device()).eval(), tok, groups, rc.on_policy_samples, rc.on_policy_pairs,
+        tok = _init_tokenizer(ctx)
+        policy = _init_lm(ctx, tok).to(_device()).eval()
+        new = on_policy_groups(policy, tok, groups, rc.on_policy_samples, rc.on_policy_pairs,
                                rc.norm_max_new_tokens, max(rc.batch_size, 64), ctx.cfg.run.seed)  # fmt: skip
         write_jsonl(
             ({"prompt": g.prompt, "responses": g.responses, "scores": g.scores, "meta": g.meta} for g in new), path
@@ -251,34 +259,16 @@ def _dpo_trainer(ctx: StageContext, data: PreferenceData, stopper: StopOnSignal)
     :class:`DPORewardTrainer`. Groups with a sequence over the context are left out whole, as in
     ``encode_groups``. Returns (trainer, reference, training rows, dropped groups, kept train / held-out groups)."""
     rc = ctx.cfg.reward
-    kw = {"trust_remote_code": rc.trust_remote_code}
-    tokenizer = AutoTokenizer.from_pretrained(_init_dir(ctx), **kw)
-    ensure_chat_tokens(tokenizer)
-
-    def lm() -> Any:
-        m = AutoModelForCausalLM.from_pretrained(_init_dir(ctx), **kw)
-        if m.get_input_embeddings().num_embeddings < len(tokenizer):
-            m.resize_token_embeddings(len(tokenizer))
-        return m
-
-    model = lm()
+    tokenizer = _init_tokenizer(ctx)
+    model = _init_lm(ctx, tokenizer)
     disable_dropout(model)  # the reference log-probs are dropout-free
     reference = copy.deepcopy(model).eval()  # the very weights (and any resized rows) training starts from
     max_length = rc.max_length or context_length(model)
-
-    def fits(groups: list[PreferenceGroup]) -> list[PreferenceGroup]:  # as encode_groups: whole groups, or none
-        return [
-            g
-            for g in groups
-            if max(len(encode_prompt_response(tokenizer, g.prompt, r)[0]) for r in g.responses) <= max_length
-        ]
-
-    train, held = fits(data.train), fits(data.eval)
+    train_rows, train = dpo_rows(tokenizer, data.train, max_length)
+    eval_rows, held = dpo_rows(tokenizer, data.eval, max_length)
     dropped = {"train": len(data.train) - len(train), "eval": len(data.eval) - len(held)}
     if not train or not held:
         raise StageError(f"reward: every training or held-out group is longer than max_length={max_length} tokens")
-    train_rows, _ = dpo_rows(tokenizer, train, max_length)
-    eval_rows, _ = dpo_rows(tokenizer, held, max_length)
     add_reference_logprobs(
         reference.to(_device()), train_rows + eval_rows, tokenizer.pad_token_id, max(rc.batch_size, 32)
     )
@@ -391,7 +381,7 @@ def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
     rm = rm.to(t.device)
     ev = evaluate_rankings(rm, tok, t.eval, rc.batch_size, rc.margin)
     by_kind = pair_accuracy_by_kind(t.eval, ev.group_rewards)  # where it disagrees with the task checker
-    policy = functools.cache(lambda: _load_policy(ctx, _init_dir(ctx), rm, tok))  # loaded once, when first needed
+    policy = functools.cache(lambda: _load_policy(ctx, rm, tok))  # loaded once, when first needed
     stats = _normalisation(ctx, policy, rm, tok, t.train)
     bok = _best_of_k(ctx, policy, rm, tok, t.eval)  # can PPO on this reward model gain at all?
     if bok:

@@ -121,8 +121,8 @@ def test_artifact_round_trip_through_load_reward_model(tmp_path, tok):
 def test_dpo_rows_expand_every_comparison_with_reference_logprobs(tok):
     groups = [PreferenceGroup("Answer 1", ["yes", "no", "yes yes"], [2, 0, 1]),
               PreferenceGroup("Answer 2", ["no", "yes " * 80], [1, 0])]  # fmt: skip
-    rows, dropped = dpo_rows(tok, groups, max_length=40)
-    assert dropped == 1 and len(rows) == 3  # C(3,2) comparisons; the over-long pair is dropped
+    rows, kept = dpo_rows(tok, groups, max_length=40)
+    assert kept == groups[:1] and len(rows) == 3  # C(3,2) comparisons; the group with an over-long response is dropped
     assert rows[0]["chosen_ids"] == encode_prompt_response(tok, "Answer 1", "yes yes")[0]
     assert rows[0]["rejected_ids"] == encode_prompt_response(tok, "Answer 1", "yes")[0]
     _, reference = _pair(tok)
