@@ -151,6 +151,10 @@ class TasksConfig:
     n_ppo_eval: int = 200
     responses_per_prompt: int = 4
     """K candidates per prompt for the ranked-response set (2..8): the answer, near misses, malformed ones."""
+    malformed_candidates: bool = True
+    """Include malformed responses among the K candidates; false: the answer and near misses only (what a
+    DPO reward model needs, since it can be beaten by outputs like the malformed ones it learns to push down;
+    data_cards/generated-tasks-rewards.md)."""
     holdout_fraction: float = 0.2
     """Share of the words and number pairs that only held-out prompts (sft_eval, reward_eval, ppo_eval) use."""
     max_operand: int = 99
@@ -366,6 +370,11 @@ class RewardStageConfig:
     PPO then needs ``ppo.advantage=group``). Every comparison is one DPO pair (``kwise`` does not apply)."""
     dpo_beta: float = 0.1
     """DPO's beta (objective=dpo): the scale of the implicit reward and the strength of the pull to the reference."""
+    dpo_nll_weight: float = 0.0
+    """objective=dpo: add this times the chosen responses' mean token NLL to the DPO loss (RPO, Pang et al. 2024;
+    TRL's ``rpo_alpha``). Plain DPO lowers the chosen responses' likelihood too, so every token's implicit reward
+    drifts negative and a shorter answer (a prefix of the right one, or none) scores higher; the NLL term keeps
+    the right answers' tokens above the reference."""
     on_policy_samples: int = 0
     """Add pairs ranked by the task checker on the init (SFT) model's own samples: this many samples per
     training prompt that has a checker, each wrong one paired with a right response (InstructGPT ranked model
@@ -413,6 +422,10 @@ class RewardStageConfig:
                 problems.append(f"reward.{k} must be >= 0, got {getattr(self, k)}")
         if self.dpo_beta <= 0:
             problems.append(f"reward.dpo_beta must be > 0, got {self.dpo_beta}")
+        if self.dpo_nll_weight < 0:
+            problems.append(f"reward.dpo_nll_weight must be >= 0, got {self.dpo_nll_weight}")
+        if self.objective != "dpo" and self.dpo_nll_weight:
+            problems.append("reward.dpo_nll_weight applies to objective=dpo only")
         if self.objective == "dpo" and self.margin:
             problems.append("reward.margin applies to objective=bradley_terry only; set reward.margin=false for dpo")
         for k in (

@@ -55,6 +55,7 @@ __all__ = [
     "DPOCollator",
     "dpo_loss",
     "sequence_logprobs",
+    "response_lengths",
     "DPORewardTrainer",
 ]
 
@@ -81,6 +82,11 @@ def encode_prompt_response(tokenizer: Any, prompt: Any, response: str) -> tuple[
     if ids[: len(head_ids)] != head_ids:
         raise ValueError("the chat template does not render the prompt as a prefix of prompt + response")
     return ids, len(head_ids)
+
+
+def response_lengths(attention_mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Number of response tokens ``(B,)`` of right-padded sequences whose responses start at ``starts``."""
+    return (attention_mask.sum(1) - starts).clamp(min=0)
 
 
 def sequence_logprobs(
@@ -263,26 +269,44 @@ class DPOCollator:
         }
 
 
-def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DPO's sigmoid loss on interleaved (chosen, rejected) log-probs, and the implicit reward margins.
+def dpo_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    beta: float,
+    nll_weight: float = 0.0,
+    lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO's sigmoid loss on interleaved (chosen, rejected) log-probs, the implicit reward margins, and the
+    chosen responses' mean token NLL (``-sum logps / sum lengths`` over the chosen rows), which is added to the
+    loss times ``nll_weight`` (RPO).
 
-    >>> loss, margin = dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), 0.5)
+    >>> loss, margin, nll = dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), 0.5)
     >>> round(float(margin[0]), 3), round(float(loss), 4)
     (1.0, 0.3133)
+    >>> loss, _, nll = dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), 0.5, 2.0, torch.tensor([4, 1]))
+    >>> round(float(nll), 3), round(float(loss), 4)
+    (0.25, 0.8133)
     """
     ratio = logps - ref_logps
     margin = beta * (ratio[0::2] - ratio[1::2])
-    return -F.logsigmoid(margin).mean(), margin
+    loss = -F.logsigmoid(margin).mean()
+    if lengths is None:
+        nll = torch.zeros((), device=logps.device)
+    else:
+        nll = -logps[0::2].sum() / lengths[0::2].sum().clamp(min=1)
+    if nll_weight:
+        loss = loss + nll_weight * nll
+    return loss, margin, nll
 
 
 class DPORewardTrainer(Trainer):
     """``transformers.Trainer`` with :func:`dpo_loss` on :class:`DPOCollator` batches (precomputed reference
     log-probs); logs the pair accuracy and margin of the implicit reward with the loss."""
 
-    def __init__(self, *args: Any, beta: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, beta: float, nll_weight: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.beta = beta
-        self._dpo_metrics: dict[str, list[float]] = {"accuracy": [], "margin": []}
+        self.beta, self.nll_weight = beta, nll_weight
+        self._dpo_metrics: dict[str, list[float]] = {"accuracy": [], "margin": [], "chosen_nll": []}
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
@@ -293,11 +317,13 @@ class DPORewardTrainer(Trainer):
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         logps = sequence_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["starts"])
-        loss, margin = dpo_loss(logps, inputs["ref_logps"], self.beta)
+        lengths = response_lengths(inputs["attention_mask"], inputs["starts"])
+        loss, margin, nll = dpo_loss(logps, inputs["ref_logps"], self.beta, self.nll_weight, lengths)
         if model.training:
             m = margin.detach()
             self._dpo_metrics["accuracy"].append(float((m > 0).float().mean()))
             self._dpo_metrics["margin"].append(float(m.mean()))
+            self._dpo_metrics["chosen_nll"].append(float(nll.detach()))
         return (loss, {"margin": margin}) if return_outputs else loss
 
     def prediction_step(

@@ -285,6 +285,7 @@ def _dpo_trainer(ctx: StageContext, data: PreferenceData, stopper: StopOnSignal)
         processing_class=tokenizer,
         callbacks=_callbacks(ctx, stopper),
         beta=rc.dpo_beta,
+        nll_weight=rc.dpo_nll_weight,
     )
     return trainer, reference, len(train_rows), dropped, train, held
 

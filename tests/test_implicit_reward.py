@@ -20,6 +20,7 @@ from pipeline.implicit_reward import (
     dpo_rows,
     encode_prompt_response,
     load_implicit_reward,
+    response_lengths,
     save_implicit_reward,
 )
 from pipeline.reward import load_reward_model, on_policy_groups, score_texts
@@ -45,7 +46,7 @@ def test_doctests():
 def test_dpo_loss_by_hand_and_its_gradient_raises_chosen_over_rejected():
     logps = torch.tensor([-1.0, -2.0, -4.0, -1.0], requires_grad=True)
     ref = torch.tensor([-1.5, -1.5, -2.0, -2.0])
-    loss, margin = dpo_loss(logps, ref, beta=0.5)
+    loss, margin, _ = dpo_loss(logps, ref, beta=0.5)
     # ratios 0.5, -0.5, -2, 1 -> margins 0.5 * (0.5 + 0.5) = 0.5 and 0.5 * (-2 - 1) = -1.5
     assert margin.tolist() == pytest.approx([0.5, -1.5])
     expected = (
@@ -55,6 +56,23 @@ def test_dpo_loss_by_hand_and_its_gradient_raises_chosen_over_rejected():
     loss.backward()
     g = logps.grad
     assert g[0] < 0 and g[2] < 0 and g[1] > 0 and g[3] > 0  # descent raises chosen, lowers rejected
+
+
+def test_nll_term_is_the_chosen_tokens_mean_nll_and_lengths_count_response_tokens():
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    lengths = response_lengths(mask, torch.tensor([2, 2, 1, 4]))
+    assert lengths.tolist() == [3, 1, 3, 1]
+    logps = torch.tensor([-1.2, -2.0, -0.6, -1.0], requires_grad=True)
+    ref = torch.tensor([-1.5, -1.5, -2.0, -2.0])
+    plain, margin, nll = dpo_loss(logps, ref, beta=0.5, lengths=lengths)
+    assert nll.item() == pytest.approx((1.2 + 0.6) / (3 + 3))  # chosen rows only, per token
+    with_nll, margin2, _ = dpo_loss(logps, ref, beta=0.5, nll_weight=2.0, lengths=lengths)
+    assert with_nll.item() == pytest.approx(plain.item() + 2.0 * nll.item())
+    assert torch.equal(margin, margin2)
+    with_nll.backward()
+    # the NLL term adds -2 / 6 to each chosen gradient and nothing to the rejected ones
+    g_plain = torch.autograd.grad(dpo_loss(logps, ref, 0.5, lengths=lengths)[0], logps)[0]
+    assert (logps.grad - g_plain).tolist() == pytest.approx([-1 / 3, 0.0, -1 / 3, 0.0])
 
 
 def test_encode_prompt_response_is_the_policy_view(tok):

@@ -238,6 +238,30 @@ def test_other_k(k):
         assert len(to_pairs(rec)) == k * (k - 1) // 2
 
 
+@pytest.mark.parametrize("kinds", [("add",), ("spell", "reverse", "count")])
+def test_near_misses_only_when_malformed_candidates_are_off(kinds):
+    cfg = dataclasses.replace(SMALL, kinds=kinds, malformed_candidates=False, responses_per_prompt=3)
+    s = generate_tasks(cfg)
+    on = generate_tasks(dataclasses.replace(cfg, malformed_candidates=True))
+    assert [r["id"] for r in s.reward_train] == [r["id"] for r in on.reward_train]  # the same prompts
+    assert s.sft_train == on.sft_train and s.ppo_eval == on.ppo_eval  # nothing else changes
+    for rec in s.reward_train + s.reward_eval:
+        classes = sorted(tasks.response_class(rec, r) for r in rec["responses"])
+        assert classes == ["near miss", "near miss", "right"], rec
+        assert len(set(rec["scores"])) == 3
+    assert any(tasks.response_class(r, x) == "malformed" for r in on.reward_train for x in r["responses"])
+
+
+def test_too_few_near_misses_for_k_names_the_keys():
+    # a one-digit sum has near misses off by 1, 2, 3 and 10 and a doubled digit: fewer distinct scores than 8
+    cfg = dataclasses.replace(
+        SMALL, kinds=("add",), max_operand=4, n_sft_eval=4, n_ppo_eval=4, n_reward_eval=4,
+        malformed_candidates=False, responses_per_prompt=8,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="responses_per_prompt=8.*malformed_candidates=false"):
+        generate_tasks(cfg)
+
+
 def test_to_pairs_gives_all_pairs_chosen_above_rejected(default_sets):
     rec = default_sets.reward_train[0]
     k = len(rec["responses"])

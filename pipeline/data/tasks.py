@@ -26,8 +26,9 @@ Sets (:class:`TaskSets`), sizes from the config, kinds balanced:
 - ``sft_train`` / ``sft_eval``: chat records (``messages``) on training / held-out items.
 - ``reward_train`` / ``reward_eval``: K-wise ranked responses (``responses``, ``ranking`` best first,
   ``scores``): the correct answer, near misses (off-by-one digits, a letter swapped, dropped or doubled)
-  and malformed answers (empty, wrong format, rambling, repeated, an answer to another question), ranked
-  by :func:`score_answer`; every score in a record is distinct. :func:`to_pairs` gives the C(K, 2) pairs.
+  and malformed answers (empty, wrong format, rambling, repeated, an answer to another question; left out
+  with ``malformed_candidates=False``), ranked by :func:`score_answer`; every score in a record is
+  distinct. :func:`to_pairs` gives the C(K, 2) pairs.
 - ``ppo_train`` / ``ppo_eval``: prompts. ``ppo_eval`` holds the same prompts as ``sft_eval`` (so SFT and
   PPO report checker accuracy on one held-out set); ``ppo_train`` shares no prompt with ``sft_train`` or
   ``sft_eval`` (prompts repeat only when a requested size exceeds the pool, with a warning).
@@ -286,13 +287,16 @@ def _malformed(answer: str, rng: random.Random, words: tuple[str, ...]) -> list[
 
 
 def _ranked_candidates(
-    record: dict[str, Any], k: int, rng: random.Random, words: tuple[str, ...]
+    record: dict[str, Any], k: int, rng: random.Random, words: tuple[str, ...], malformed: bool = True
 ) -> tuple[list[str], list[float]]:
-    """K distinct responses with distinct scores: the answer, near misses, then malformed ones."""
+    """K distinct responses with distinct scores: the answer, near misses, then malformed ones (or, with
+    ``malformed=False``, the answer and near misses only)."""
     answer = record["answer"]
     n_near = (1 if rng.random() < 0.5 else 0) if k == 2 else (1 if k == 3 else 2)
     chosen: dict[str, float] = {answer: 1.0}
     near, bad = _near_misses(record["task"], answer, rng), _malformed(answer, rng, words)
+    if not malformed:
+        bad = []
     # near misses up to their quota, then malformed ones, then more near misses if still short of k
     for pool, quota in ((near, n_near), (bad, k), (near, k)):
         taken = 0
@@ -304,7 +308,10 @@ def _ranked_candidates(
                 chosen[text] = score
                 taken += 1
     if len(chosen) < k:
-        raise ValueError(f"{record['id']}: found only {len(chosen)} distinct candidates for responses_per_prompt={k}")
+        raise ValueError(
+            f"{record['id']}: found only {len(chosen)} distinct candidates for data.tasks.responses_per_prompt={k}"
+            + ("" if malformed else " (data.tasks.malformed_candidates=false: near misses only)")
+        )
     texts = list(chosen)
     rng.shuffle(texts)
     return texts, [chosen[t] for t in texts]
@@ -498,9 +505,10 @@ def _ppo_record(p: _Prompt) -> dict[str, Any]:
     return {"prompt": p.text, "task": p.kind, "answer": p.answer, "id": p.id}
 
 
-def _reward_record(p: _Prompt, k: int, rng: random.Random) -> dict[str, Any]:
+def _reward_record(p: _Prompt, cfg: TasksConfig, rng: random.Random) -> dict[str, Any]:
     rec = {"prompt": p.text, "task": p.kind, "answer": p.answer, "id": p.id}
-    responses, scores = _ranked_candidates(rec, k, rng, load_words())
+    k = cfg.responses_per_prompt
+    responses, scores = _ranked_candidates(rec, k, rng, load_words(), cfg.malformed_candidates)
     ranking = sorted(range(k), key=lambda i: (-scores[i], i))
     return {"prompt": p.text, "responses": responses, "ranking": ranking, "scores": scores, **rec}
 
@@ -521,7 +529,7 @@ def generate_tasks(cfg: TasksConfig) -> TaskSets:
             out[name] = [_ppo_record(p) for p in ps]
         else:
             rng = _rng(cfg, f"candidates-{name}")
-            out[name] = [_reward_record(p, cfg.responses_per_prompt, rng) for p in ps]
+            out[name] = [_reward_record(p, cfg, rng) for p in ps]
     log.info("generated tasks v%s: %s", GENERATOR_VERSION, {k: len(v) for k, v in out.items()})
     return TaskSets(**out)
 
