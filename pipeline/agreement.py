@@ -133,17 +133,18 @@ def rm_vs_checker(
     reward_gain = overall["ppo_reward"] - overall["sft_reward"]
     accuracy_gain = overall["ppo_accuracy"] - overall["sft_accuracy"]
     hacked = transitions["right_to_wrong"]["reward_up"]
+    answers = f"{hacked} answer{'' if hacked == 1 else 's'}"
     if reward_gain > 0 and accuracy_gain <= FLAT:
         verdict = (
             f"PPO exploited the reward model: the held-out reward rose by {reward_gain:+.3f} while checker "
             f"accuracy went {'down' if accuracy_gain < -FLAT else 'flat'} ({accuracy_gain * 100:+.1f} points); "
-            f"{hacked} answers went from right to wrong with a higher reward."
+            f"{answers} went from right to wrong with a higher reward."
         )
         exploited = True
     elif reward_gain > 0:
         verdict = (
             f"The held-out reward rose by {reward_gain:+.3f} and checker accuracy by {accuracy_gain * 100:+.1f} "
-            f"points: the reward gain is, on balance, real; {hacked} answers still went from right to wrong "
+            f"points: the reward gain is, on balance, real; {answers} still went from right to wrong "
             "with a higher reward."
         )
         exploited = False

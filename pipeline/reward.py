@@ -587,6 +587,7 @@ _KEYS = {
     "grad_norm": "train/grad_norm",
     "accuracy": "train/accuracy",
     "margin": "train/margin",
+    "chosen_nll": "train/chosen_nll",
     "eval_loss": "val/loss",
     "eval_accuracy": "rm/accuracy",
     "eval_margin": "val/margin",

@@ -31,7 +31,7 @@ def test_exploitation_is_detected_and_counted():
         "wrong_to_wrong": {"n": 1, "reward_up": 1},
     }
     assert (
-        s["exploited"] is True and "exploited" in s["verdict"] and "1 answers went from right to wrong" in s["verdict"]
+        s["exploited"] is True and "exploited" in s["verdict"] and "1 answer went from right to wrong" in s["verdict"]
     )
     assert abs(s["reward_gain"] - (sum([4.0, 2.5, 6.1, 1.5, 5.2]) - sum([3.0, 2.0, 6.0, 1.0, 5.0])) / 5) < 1e-9
     (ex,) = s["examples"]

@@ -181,6 +181,10 @@ def test_reward_config_errors_name_the_keys():
         load_config(None, ["reward.on_policy_samples=-1"])
     with pytest.raises(ConfigError, match="reward.on_policy_pairs must be >= 1"):
         load_config(None, ["reward.on_policy_pairs=0"])
+    with pytest.raises(ConfigError, match="reward.dpo_nll_weight must be >= 0"):
+        load_config(None, ["reward.objective=dpo", "reward.dpo_nll_weight=-1"])
+    with pytest.raises(ConfigError, match="reward.dpo_nll_weight applies to objective=dpo only"):
+        load_config(None, ["reward.dpo_nll_weight=1"])
 
 
 # ----------------------------------------------------------------------------- stages
@@ -208,6 +212,25 @@ def test_reward_stage_dpo_learns_rankings_and_ppo_trains_against_it(tmp_path):
     assert (score_texts(rw, tok, prompts, best) > score_texts(rw, tok, prompts, worst)).float().mean() >= 0.9
     before = (rd / "manifest.json").read_text()
     assert _run(overrides) == 0 and (rd / "manifest.json").read_text() == before  # done: skipped
+
+
+def test_reward_stage_nll_term_raises_the_chosen_responses_reward(tmp_path):
+    from tests.test_reward import _kwise, _run, _setup
+
+    held = _kwise(40, 4, 2, 1000)
+    prompts, best = [r["prompt"] for r in held], [r["responses"][r["ranking"][0]] for r in held]
+    mean_best = {}
+    for weight in ("0", "1.0"):
+        dpo = ("reward.objective=dpo", "reward.dpo_beta=0.5", "reward.lr=1e-3", f"reward.dpo_nll_weight={weight}")
+        assert _run(_setup(tmp_path / weight, steps=30, extra=dpo)) == 0
+        rd = tmp_path / weight / "runs" / "t" / "reward"
+        lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
+        nll = [x["train/chosen_nll"] for x in lines if "train/chosen_nll" in x]
+        assert len(nll) == 3 and nll[-1] < nll[0]  # logged every 10 steps either way
+        rw, tok = load_reward_model(str(rd / "artifact"))
+        mean_best[weight] = score_texts(rw, tok, prompts, best).mean().item()
+    # the NLL term pulls the best responses' log-probs further above the reference (here 3.58 against 2.72)
+    assert mean_best["1.0"] > mean_best["0"] + 0.3
 
 
 def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantages(tmp_path):
