@@ -1,5 +1,6 @@
-"""The options the task-accuracy benchmarks share (``rl_headroom.py``, ``greedy_perturbation.py``): which
-generated task prompts to answer, how long the answers may be, and how many CPU threads to use."""
+"""The options the task-accuracy benchmarks share (``rl_headroom.py``, ``greedy_perturbation.py``,
+``reward_shortcuts.py``): which generated task prompts to answer, how long the answers may be (unused by
+``reward_shortcuts.py``, which generates nothing), and how many CPU threads to use."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -135,6 +136,10 @@ class CorpusConfig:
             raise ConfigError("; ".join(problems))
 
 
+MAX_K_NEAR_MISSES_ONLY = 4
+"""The largest ``data.tasks.responses_per_prompt`` every task kind can fill with near misses alone."""
+
+
 @dataclass(frozen=True)
 class TasksConfig:
     """The embedded, generated instruction tasks (Q&A, ranked responses, PPO prompts)."""
@@ -150,7 +155,8 @@ class TasksConfig:
     n_ppo_train: int = 2000
     n_ppo_eval: int = 200
     responses_per_prompt: int = 4
-    """K candidates per prompt for the ranked-response set (2..8): the answer, near misses, malformed ones."""
+    """K candidates per prompt for the ranked-response set (2..8; 2..4 without malformed candidates): the answer,
+    near misses, malformed ones."""
     malformed_candidates: bool = True
     """Include malformed responses among the K candidates; false: the answer and near misses only (what a
     DPO reward model needs, since it can be beaten by outputs like the malformed ones it learns to push down;
@@ -169,6 +175,12 @@ class TasksConfig:
                 problems.append(f"data.tasks.{k} must be >= 0, got {getattr(self, k)}")
         if not 2 <= self.responses_per_prompt <= 8:
             problems.append(f"data.tasks.responses_per_prompt must be in 2..8, got {self.responses_per_prompt}")
+        elif not self.malformed_candidates and self.responses_per_prompt > MAX_K_NEAR_MISSES_ONLY:
+            problems.append(
+                f"data.tasks.responses_per_prompt must be in 2..{MAX_K_NEAR_MISSES_ONLY} with "
+                f"data.tasks.malformed_candidates=false (a word or a sum has too few distinct near misses), "
+                f"got {self.responses_per_prompt}"
+            )
         if not 0.0 < self.holdout_fraction < 1.0:
             problems.append(f"data.tasks.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
         if self.max_operand < 1:
@@ -372,9 +384,10 @@ class RewardStageConfig:
     """DPO's beta (objective=dpo): the scale of the implicit reward and the strength of the pull to the reference."""
     dpo_nll_weight: float = 0.0
     """objective=dpo: add this times the chosen responses' mean token NLL to the DPO loss (RPO, Pang et al. 2024;
-    TRL's ``rpo_alpha``). Plain DPO lowers the chosen responses' likelihood too, so every token's implicit reward
-    drifts negative and a shorter answer (a prefix of the right one, or none) scores higher; the NLL term keeps
-    the right answers' tokens above the reference."""
+    TRL's ``rpo_alpha``), over the comparisons whose chosen response is its group's best (all of them for pairs).
+    Plain DPO lowers the chosen responses' likelihood too, so every token's implicit reward drifts negative and a
+    shorter answer (a prefix of the right one, or none) often scores higher; the NLL term keeps the best
+    responses' tokens above the reference."""
     on_policy_samples: int = 0
     """Add pairs ranked by the task checker on the init (SFT) model's own samples: this many samples per
     training prompt that has a checker, each wrong one paired with a right response (InstructGPT ranked model
@@ -422,10 +435,13 @@ class RewardStageConfig:
                 problems.append(f"reward.{k} must be >= 0, got {getattr(self, k)}")
         if self.dpo_beta <= 0:
             problems.append(f"reward.dpo_beta must be > 0, got {self.dpo_beta}")
-        if self.dpo_nll_weight < 0:
-            problems.append(f"reward.dpo_nll_weight must be >= 0, got {self.dpo_nll_weight}")
-        if self.objective != "dpo" and self.dpo_nll_weight:
-            problems.append("reward.dpo_nll_weight applies to objective=dpo only")
+        if not (math.isfinite(self.dpo_nll_weight) and self.dpo_nll_weight >= 0):
+            problems.append(f"reward.dpo_nll_weight must be a number >= 0, got {self.dpo_nll_weight}")
+        elif self.objective != "dpo" and self.dpo_nll_weight:
+            problems.append(
+                f"reward.dpo_nll_weight={self.dpo_nll_weight} applies to reward.objective=dpo only (got "
+                f"{self.objective}); set reward.dpo_nll_weight=0"
+            )
         if self.objective == "dpo" and self.margin:
             problems.append("reward.margin applies to objective=bradley_terry only; set reward.margin=false for dpo")
         for k in (

@@ -20,6 +20,12 @@ same ``score_texts`` call as a classifier, so the reward stage's checks, PPO and
 PPO uses it through its ``score_fn`` hook and needs ``ppo.advantage=group`` (there is no scalar head to start
 a value model from).
 
+``reward.dpo_nll_weight`` adds the chosen responses' mean token NLL to the loss (RPO, Pang et al. 2024; TRL's
+``rpo_alpha``), over the comparisons whose chosen response is its group's best. Plain DPO lowers the chosen
+responses' likelihood too, so every token's implicit reward drifts negative and shorter outputs (a prefix of
+the right answer, or none) score higher: a shortcut PPO takes (bench/RESULTS.md). The NLL term keeps the best
+responses above the reference.
+
 Reference log-probs are computed once before training (as TRL's ``precompute_ref_log_probs``), so the
 Trainer holds one model and DDP / ZeRO work as for the SFT stage.
 """
@@ -56,6 +62,8 @@ __all__ = [
     "dpo_loss",
     "sequence_logprobs",
     "response_lengths",
+    "response_mask",
+    "chosen_nll",
     "DPORewardTrainer",
 ]
 
@@ -84,9 +92,16 @@ def encode_prompt_response(tokenizer: Any, prompt: Any, response: str) -> tuple[
     return ids, len(head_ids)
 
 
+def response_mask(attention_mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Which next-token positions ``(B, T-1)`` of right-padded sequences are response tokens: position ``t``
+    predicts token ``t + 1``, a response token when ``t + 1 >= starts[i]`` and not padding."""
+    pos = torch.arange(1, attention_mask.shape[1], device=attention_mask.device)[None]
+    return (pos >= starts[:, None]) & (attention_mask[:, 1:] > 0)
+
+
 def response_lengths(attention_mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Number of response tokens ``(B,)`` of right-padded sequences whose responses start at ``starts``."""
-    return (attention_mask.sum(1) - starts).clamp(min=0)
+    """Number of response tokens ``(B,)``: what :func:`sequence_logprobs` sums over."""
+    return response_mask(attention_mask, starts).sum(1)
 
 
 def sequence_logprobs(
@@ -95,9 +110,7 @@ def sequence_logprobs(
     """Summed log-probs ``(B,)`` of each right-padded sequence's tokens from position ``starts[i]`` on."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     lp = logprobs_from_logits(logits, input_ids[:, 1:])
-    pos = torch.arange(1, input_ids.shape[1], device=input_ids.device)[None]
-    mask = (pos >= starts[:, None]) & (attention_mask[:, 1:] > 0)
-    return (lp * mask).sum(1)
+    return (lp * response_mask(attention_mask, starts)).sum(1)
 
 
 def _batches(encoded: list[tuple[list[int], int]], pad_id: int, batch_size: int, device: Any) -> Any:
@@ -220,8 +233,9 @@ def load_implicit_reward(model_dir: str | Path, trust_remote_code: bool = False)
 def dpo_rows(
     tokenizer: Any, groups: list[PreferenceGroup], max_length: int | None
 ) -> tuple[list[dict[str, Any]], list[PreferenceGroup]]:
-    """One row per comparison of every group: ``chosen_ids``/``rejected_ids`` and where each response
-    starts. A group with any sequence over ``max_length`` tokens is dropped whole, as
+    """One row per comparison of every group: ``chosen_ids``/``rejected_ids``, where each response
+    starts, and ``chosen_best`` (1 when the chosen response is the group's best, the rows the NLL term of
+    ``reward.dpo_nll_weight`` trains on). A group with any sequence over ``max_length`` tokens is dropped whole, as
     :func:`pipeline.reward.encode_groups` drops it.
 
     Returns:
@@ -235,7 +249,8 @@ def dpo_rows(
         kept.append(g)
         for c in expand_comparisons(g):
             (cw, sw), (cl, sl) = enc[c.winner], enc[c.loser]
-            rows.append({"chosen_ids": cw, "chosen_start": sw, "rejected_ids": cl, "rejected_start": sl})
+            rows.append({"chosen_ids": cw, "chosen_start": sw, "rejected_ids": cl, "rejected_start": sl,
+                         "chosen_best": int(c.winner == g.ranking[0])})  # fmt: skip
     if len(kept) < len(groups):
         log.warning("dropped %d of %d preference groups longer than %d tokens", len(groups) - len(kept), len(groups),
                     max_length)  # fmt: skip
@@ -253,7 +268,8 @@ def add_reference_logprobs(reference: Any, rows: list[dict[str, Any]], pad_id: i
 @dataclass
 class DPOCollator:
     """Chosen and rejected sequences of a batch of :func:`dpo_rows` rows, interleaved into one padded batch
-    (chosen at even rows, rejected at odd rows), with their response starts and reference log-probs."""
+    (chosen at even rows, rejected at odd rows), with their response starts, reference log-probs and
+    ``chosen_best`` flags."""
 
     pad_token_id: int
 
@@ -266,42 +282,39 @@ class DPOCollator:
             "ref_logps": torch.tensor(
                 [ex[f"ref_{s}"] for ex in examples for s in ("chosen", "rejected")], dtype=torch.float
             ),
+            "chosen_best": torch.tensor([ex["chosen_best"] for ex in examples], dtype=torch.float),
         }
 
 
-def dpo_loss(
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    beta: float,
-    nll_weight: float = 0.0,
-    lengths: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO's sigmoid loss on interleaved (chosen, rejected) log-probs, the implicit reward margins, and the
-    chosen responses' mean token NLL (``-sum logps / sum lengths`` over the chosen rows), which is added to the
-    loss times ``nll_weight`` (RPO).
+def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO's sigmoid loss on interleaved (chosen, rejected) log-probs, and the implicit reward margins.
 
-    >>> loss, margin, nll = dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), 0.5)
+    >>> loss, margin = dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), 0.5)
     >>> round(float(margin[0]), 3), round(float(loss), 4)
     (1.0, 0.3133)
-    >>> loss, _, nll = dpo_loss(torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -2.0]), 0.5, 2.0, torch.tensor([4, 1]))
-    >>> round(float(nll), 3), round(float(loss), 4)
-    (0.25, 0.8133)
     """
     ratio = logps - ref_logps
     margin = beta * (ratio[0::2] - ratio[1::2])
-    loss = -F.logsigmoid(margin).mean()
-    if lengths is None:
-        nll = torch.zeros((), device=logps.device)
-    else:
-        nll = -logps[0::2].sum() / lengths[0::2].sum().clamp(min=1)
-    if nll_weight:
-        loss = loss + nll_weight * nll
-    return loss, margin, nll
+    return -F.logsigmoid(margin).mean(), margin
+
+
+def chosen_nll(logps: torch.Tensor, lengths: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Mean token NLL of the chosen responses (even rows of interleaved log-probs) whose ``best`` flag is set:
+    ``-sum logps / sum lengths`` over those rows, 0 when there are none (RPO's NLL term).
+
+    >>> round(float(chosen_nll(torch.tensor([-1.0, -3.0, -6.0, -1.0]), torch.tensor([4, 1, 2, 1]),
+    ...                        torch.tensor([1.0, 0.0]))), 3)
+    0.25
+    """
+    w = best.to(logps.dtype)
+    return -(logps[0::2] * w).sum() / (lengths[0::2].to(logps.dtype) * w).sum().clamp(min=1)
 
 
 class DPORewardTrainer(Trainer):
     """``transformers.Trainer`` with :func:`dpo_loss` on :class:`DPOCollator` batches (precomputed reference
-    log-probs); logs the pair accuracy and margin of the implicit reward with the loss."""
+    log-probs), plus ``nll_weight`` times :func:`chosen_nll` in training (RPO; Pang et al. 2024). Logs the pair
+    accuracy and margin of the implicit reward and the chosen responses' NLL with the loss; held-out batches
+    give the DPO loss alone, the quantity the stage's final evaluation reports as ``val/loss``."""
 
     def __init__(self, *args: Any, beta: float, nll_weight: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -311,14 +324,21 @@ class DPORewardTrainer(Trainer):
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
             self._signature_columns = ["chosen_ids", "chosen_start", "rejected_ids", "rejected_start",
-                                       "ref_chosen", "ref_rejected"]  # fmt: skip
+                                       "ref_chosen", "ref_rejected", "chosen_best"]  # fmt: skip
+
+    def _terms(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(DPO loss, margins, chosen NLL) of a batch."""
+        logps = sequence_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["starts"])
+        loss, margin = dpo_loss(logps, inputs["ref_logps"], self.beta)
+        lengths = response_lengths(inputs["attention_mask"], inputs["starts"])
+        return loss, margin, chosen_nll(logps, lengths, inputs["chosen_best"])
 
     def compute_loss(
         self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        logps = sequence_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["starts"])
-        lengths = response_lengths(inputs["attention_mask"], inputs["starts"])
-        loss, margin, nll = dpo_loss(logps, inputs["ref_logps"], self.beta, self.nll_weight, lengths)
+        loss, margin, nll = self._terms(model, inputs)
+        if self.nll_weight:
+            loss = loss + self.nll_weight * nll
         if model.training:
             m = margin.detach()
             self._dpo_metrics["accuracy"].append(float((m > 0).float().mean()))
@@ -332,7 +352,7 @@ class DPORewardTrainer(Trainer):
         """The DPO loss of a held-out batch (the base class would call the model without its inputs' meaning)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
+            loss = self._terms(model, inputs)[0]
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -413,6 +413,7 @@ def _evaluate(ctx: StageContext, t: _Trained) -> StageResult:
         "init_from": _init_dir(ctx),
         "loss": (
             f"DPO, implicit reward (beta {rc.dpo_beta})"
+            + (f" + {rc.dpo_nll_weight:g} x chosen NLL (RPO)" if rc.dpo_nll_weight else "")
             if rc.objective == "dpo"
             else "grouped (InstructGPT, each prompt weighted once)"
             if t.grouped

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -185,6 +186,43 @@ def test_micro_pipeline_end_to_end(micro_run):
                                 [r["prompt"] for r in records], cfg.reward.norm_max_new_tokens,
                                 batch_size=cfg.reward.batch_size)  # fmt: skip
     assert bok["tasks"]["all"]["greedy"] == sum(map(check_answer, records, greedy)) / n_prompts
+
+
+DEFAULT_RECIPE = [  # what configs/tiny.yaml sets for the reward and PPO stages, at micro size
+    "reward.objective=dpo",
+    "reward.dpo_nll_weight=1.0",
+    "reward.on_policy_samples=2",
+    "ppo.advantage=group",
+    "ppo.samples_per_prompt=2",
+]
+
+
+@pytest.mark.timeout(1200)
+def test_micro_pipeline_with_the_default_runs_reward_and_ppo_recipe(micro_run, tmp_path):
+    """The orchestrator runs the default run's recipe (DPO + NLL reward model on on-policy pairs, group PPO
+    against its implicit reward) after the micro run's tokenizer, pretrain and SFT stages, which stay done."""
+    config, overrides = micro_run
+    src = load_config(config, overrides).run_dir
+    overrides = [f"run.root={tmp_path / 'runs'}", *DEFAULT_RECIPE]
+    cfg = load_config(config, overrides)
+    for stage in ("tokenizer", "pretrain", "sft"):
+        shutil.copytree(src / stage, cfg.run_dir / stage)
+    res = _pipeline("run", "all", "--config", str(config), *overrides)
+    assert res.returncode == 0, res.stderr[-4000:]
+    skipped = re.findall(r"^(\w+) +done, skipped", res.stderr, re.M)
+    assert skipped == ["tokenizer", "pretrain", "sft"], res.stderr[-2000:]
+    reward = StageDir.of(cfg.run_dir, "reward").manifest()
+    assert reward["loss"].endswith("chosen NLL (RPO)") and reward["data"]["on_policy_pairs"] > 0
+    assert (StageDir.of(cfg.run_dir, "reward").artifact / "implicit_reward.json").is_file()
+    ppo = StageDir.of(cfg.run_dir, "ppo").manifest()
+    for key in REQUIRED_METRICS["ppo"]:
+        assert math.isfinite(ppo["metrics"][key]), key
+    assert ppo["rm_vs_checker"]["n"] == 8
+    assert StageDir.of(cfg.run_dir, "export").manifest()["metrics"]["max_abs_logit_diff"] <= 1e-5
+    rep = _pipeline("report", "--config", str(config), *overrides)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    text = (cfg.run_dir / "report.md").read_text()
+    assert "## Quality bar" in text and "**Verdict.**" in text and "The reward model's pick among 8 samples" in text
 
 
 def _held_out_reward_prompts(cfg):

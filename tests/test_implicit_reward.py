@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import doctest
 import json
+import math
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,12 +18,14 @@ from pipeline.data.preferences import PreferenceGroup
 from pipeline.implicit_reward import (
     ImplicitReward,
     add_reference_logprobs,
+    chosen_nll,
     dpo_loss,
     dpo_rows,
     encode_prompt_response,
     load_implicit_reward,
     response_lengths,
     save_implicit_reward,
+    sequence_logprobs,
 )
 from pipeline.reward import load_reward_model, on_policy_groups, score_texts
 from pipeline.rl.rollout import left_pad
@@ -46,7 +50,7 @@ def test_doctests():
 def test_dpo_loss_by_hand_and_its_gradient_raises_chosen_over_rejected():
     logps = torch.tensor([-1.0, -2.0, -4.0, -1.0], requires_grad=True)
     ref = torch.tensor([-1.5, -1.5, -2.0, -2.0])
-    loss, margin, _ = dpo_loss(logps, ref, beta=0.5)
+    loss, margin = dpo_loss(logps, ref, beta=0.5)
     # ratios 0.5, -0.5, -2, 1 -> margins 0.5 * (0.5 + 0.5) = 0.5 and 0.5 * (-2 - 1) = -1.5
     assert margin.tolist() == pytest.approx([0.5, -1.5])
     expected = (
@@ -58,21 +62,29 @@ def test_dpo_loss_by_hand_and_its_gradient_raises_chosen_over_rejected():
     assert g[0] < 0 and g[2] < 0 and g[1] > 0 and g[3] > 0  # descent raises chosen, lowers rejected
 
 
-def test_nll_term_is_the_chosen_tokens_mean_nll_and_lengths_count_response_tokens():
+class _Uniform(torch.nn.Module):
+    """A 'language model' whose every next-token distribution is uniform over 60 tokens."""
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 60))
+
+
+def test_chosen_nll_is_the_best_chosen_tokens_mean_nll_over_the_summed_positions():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
-    lengths = response_lengths(mask, torch.tensor([2, 2, 1, 4]))
-    assert lengths.tolist() == [3, 1, 3, 1]
-    logps = torch.tensor([-1.2, -2.0, -0.6, -1.0], requires_grad=True)
-    ref = torch.tensor([-1.5, -1.5, -2.0, -2.0])
-    plain, margin, nll = dpo_loss(logps, ref, beta=0.5, lengths=lengths)
-    assert nll.item() == pytest.approx((1.2 + 0.6) / (3 + 3))  # chosen rows only, per token
-    with_nll, margin2, _ = dpo_loss(logps, ref, beta=0.5, nll_weight=2.0, lengths=lengths)
-    assert with_nll.item() == pytest.approx(plain.item() + 2.0 * nll.item())
-    assert torch.equal(margin, margin2)
-    with_nll.backward()
-    # the NLL term adds -2 / 6 to each chosen gradient and nothing to the rejected ones
-    g_plain = torch.autograd.grad(dpo_loss(logps, ref, 0.5, lengths=lengths)[0], logps)[0]
-    assert (logps.grad - g_plain).tolist() == pytest.approx([-1 / 3, 0.0, -1 / 3, 0.0])
+    starts = torch.tensor([2, 2, 1, 4])
+    assert response_lengths(mask, starts).tolist() == [3, 1, 3, 1]
+    # the lengths count exactly the positions sequence_logprobs sums (each token log 1/60 here)
+    summed = sequence_logprobs(_Uniform(), torch.randint(5, 50, mask.shape) * mask, mask, starts)
+    assert summed.tolist() == pytest.approx((response_lengths(mask, starts) * -math.log(60)).tolist())
+
+    logps = torch.tensor([-1.2, -2.0, -0.6, -1.0, -5.0, -1.0], requires_grad=True)
+    lengths = torch.tensor([3, 1, 3, 1, 2, 2])
+    best = torch.tensor([1.0, 1.0, 0.0])  # the third comparison's chosen response is not its group's best
+    nll = chosen_nll(logps, lengths, best)
+    assert nll.item() == pytest.approx((1.2 + 0.6) / (3 + 3))
+    nll.backward()
+    assert logps.grad.tolist() == pytest.approx([-1 / 6, 0.0, -1 / 6, 0.0, 0.0, 0.0])
+    assert chosen_nll(logps, lengths, torch.zeros(3)).item() == 0.0
 
 
 def test_encode_prompt_response_is_the_policy_view(tok):
@@ -181,10 +193,12 @@ def test_reward_config_errors_name_the_keys():
         load_config(None, ["reward.on_policy_samples=-1"])
     with pytest.raises(ConfigError, match="reward.on_policy_pairs must be >= 1"):
         load_config(None, ["reward.on_policy_pairs=0"])
-    with pytest.raises(ConfigError, match="reward.dpo_nll_weight must be >= 0"):
+    with pytest.raises(ConfigError, match="reward.dpo_nll_weight must be a number >= 0"):
         load_config(None, ["reward.objective=dpo", "reward.dpo_nll_weight=-1"])
-    with pytest.raises(ConfigError, match="reward.dpo_nll_weight applies to objective=dpo only"):
+    with pytest.raises(ConfigError, match="reward.dpo_nll_weight=1.0 applies to reward.objective=dpo only"):
         load_config(None, ["reward.dpo_nll_weight=1"])
+    with pytest.raises(ConfigError, match="reward.dpo_nll_weight must be a number"):
+        load_config(None, ["reward.objective=dpo", "reward.dpo_nll_weight=nan"])
 
 
 # ----------------------------------------------------------------------------- stages
@@ -198,7 +212,7 @@ def test_reward_stage_dpo_learns_rankings_and_ppo_trains_against_it(tmp_path):
     assert _run(overrides) == 0
     rd = tmp_path / "runs" / "t" / "reward"
     manifest = json.loads((rd / "manifest.json").read_text())
-    assert manifest["loss"].startswith("DPO") and manifest["metrics"]["pair_accuracy"] >= 0.85
+    assert manifest["loss"] == "DPO, implicit reward (beta 0.5)" and manifest["metrics"]["pair_accuracy"] >= 0.85
     assert (rd / "artifact" / "implicit_reward.json").is_file() and (rd / "artifact" / "reference").is_dir()
     lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
     assert (
@@ -219,18 +233,21 @@ def test_reward_stage_nll_term_raises_the_chosen_responses_reward(tmp_path):
 
     held = _kwise(40, 4, 2, 1000)
     prompts, best = [r["prompt"] for r in held], [r["responses"][r["ranking"][0]] for r in held]
-    mean_best = {}
+    mean_best, last_nll = {}, {}
     for weight in ("0", "1.0"):
         dpo = ("reward.objective=dpo", "reward.dpo_beta=0.5", "reward.lr=1e-3", f"reward.dpo_nll_weight={weight}")
         assert _run(_setup(tmp_path / weight, steps=30, extra=dpo)) == 0
         rd = tmp_path / weight / "runs" / "t" / "reward"
         lines = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
         nll = [x["train/chosen_nll"] for x in lines if "train/chosen_nll" in x]
-        assert len(nll) == 3 and nll[-1] < nll[0]  # logged every 10 steps either way
+        assert len(nll) == 3  # logged every 10 steps, with or without the term in the loss
+        last_nll[weight] = nll[-1]
         rw, tok = load_reward_model(str(rd / "artifact"))
         mean_best[weight] = score_texts(rw, tok, prompts, best).mean().item()
-    # the NLL term pulls the best responses' log-probs further above the reference (here 3.58 against 2.72)
-    assert mean_best["1.0"] > mean_best["0"] + 0.3
+        manifest = json.loads((rd / "manifest.json").read_text())
+        assert ("chosen NLL" in manifest["loss"]) == (weight != "0")
+    assert last_nll["1.0"] < last_nll["0"]  # the term lowers the chosen responses' NLL ...
+    assert mean_best["1.0"] > mean_best["0"]  # ... and raises the held-out best responses' implicit reward
 
 
 def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantages(tmp_path):
@@ -273,7 +290,13 @@ def test_reward_stage_dpo_with_on_policy_pairs_two_processes(tmp_path, launch):
     from tests.helpers_launch import child_env
     from tests.test_reward import REPO, _setup
 
-    extra = ("reward.objective=dpo", "reward.dpo_beta=0.5", "reward.lr=1e-3", "reward.on_policy_samples=2")
+    extra = (
+        "reward.objective=dpo",
+        "reward.dpo_beta=0.5",
+        "reward.lr=1e-3",
+        "reward.on_policy_samples=2",
+        "reward.dpo_nll_weight=1.0",
+    )  # fmt: skip  (as configs/tiny.yaml)
     overrides = _setup(tmp_path, steps=30, extra=extra)
     for name in ("train", "eval"):  # a checker (task/answer) on every record, so on-policy pairs can be drawn
         path = tmp_path / f"{name}.jsonl"
@@ -281,7 +304,7 @@ def test_reward_stage_dpo_with_on_policy_pairs_two_processes(tmp_path, launch):
         for r in recs:
             r.update(task="yes", answer=r["responses"][r["ranking"][0]])
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--num_processes", "2",
            "--config_file", f"configs/accelerate/{launch}", "-m", "stages.reward", *overrides]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -289,6 +312,6 @@ def test_reward_stage_dpo_with_on_policy_pairs_two_processes(tmp_path, launch):
     manifest = json.loads((rd / "manifest.json").read_text())
     pairs = (rd / "on_policy_pairs.jsonl").read_text().splitlines()
     assert manifest["data"]["on_policy_pairs"] == len(pairs) > 0 and manifest["metrics"]["steps"] == 30
-    assert manifest["loss"].startswith("DPO") and manifest["metrics"]["pair_accuracy"] >= 0.8
+    assert manifest["loss"].endswith("chosen NLL (RPO)") and manifest["metrics"]["pair_accuracy"] >= 0.8
     rw, _ = load_reward_model(str(rd / "artifact"))
     assert isinstance(rw, ImplicitReward)

@@ -401,7 +401,7 @@ def test_stage_two_processes(tmp_path, launch):
         r.update(task="yes", answer=r["responses"][r["ranking"][0]])
     eval_path.write_text("".join(json.dumps(r) + "\n" for r in held))
     env = child_env()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--num_processes", "2",
            "--config_file", f"configs/accelerate/{launch}", "-m", "stages.reward", *overrides]  # fmt: skip
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

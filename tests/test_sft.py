@@ -430,7 +430,17 @@ def test_finetuned_model_beats_the_pretrained_one_on_held_out_questions(tok, tmp
 
 def _launch_cmd(accel: str) -> list[str]:
     config = str(ROOT / "configs" / "accelerate" / accel)
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--config_file", config]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--main_process_port",
+        "0",
+        "--num_processes",
+        "2",
+        "--config_file",
+        config,
+    ]
 
 
 def _launch_env() -> dict[str, str]:

@@ -238,28 +238,27 @@ def test_other_k(k):
         assert len(to_pairs(rec)) == k * (k - 1) // 2
 
 
-@pytest.mark.parametrize("kinds", [("add",), ("spell", "reverse", "count")])
-def test_near_misses_only_when_malformed_candidates_are_off(kinds):
-    cfg = dataclasses.replace(SMALL, kinds=kinds, malformed_candidates=False, responses_per_prompt=3)
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("kinds", [("add",), ("spell", "reverse", "count", "sort")])
+def test_near_misses_only_when_malformed_candidates_are_off(kinds, k):
+    cfg = dataclasses.replace(SMALL, kinds=kinds, malformed_candidates=False, responses_per_prompt=k)
     s = generate_tasks(cfg)
     on = generate_tasks(dataclasses.replace(cfg, malformed_candidates=True))
     assert [r["id"] for r in s.reward_train] == [r["id"] for r in on.reward_train]  # the same prompts
     assert s.sft_train == on.sft_train and s.ppo_eval == on.ppo_eval  # nothing else changes
     for rec in s.reward_train + s.reward_eval:
         classes = sorted(tasks.response_class(rec, r) for r in rec["responses"])
-        assert classes == ["near miss", "near miss", "right"], rec
-        assert len(set(rec["scores"])) == 3
+        assert classes == ["near miss"] * (k - 1) + ["right"], rec
+        assert len(set(rec["scores"])) == k
     assert any(tasks.response_class(r, x) == "malformed" for r in on.reward_train for x in r["responses"])
 
 
-def test_too_few_near_misses_for_k_names_the_keys():
-    # a one-digit sum has near misses off by 1, 2, 3 and 10 and a doubled digit: fewer distinct scores than 8
-    cfg = dataclasses.replace(
-        SMALL, kinds=("add",), max_operand=4, n_sft_eval=4, n_ppo_eval=4, n_reward_eval=4,
-        malformed_candidates=False, responses_per_prompt=8,
-    )  # fmt: skip
-    with pytest.raises(ValueError, match="responses_per_prompt=8.*malformed_candidates=false"):
-        generate_tasks(cfg)
+def test_near_misses_only_caps_k_and_names_both_keys():
+    with pytest.raises(
+        ConfigError, match=r"responses_per_prompt must be in 2\.\.4 with data.tasks.malformed_candidates"
+    ):
+        TasksConfig(malformed_candidates=False, responses_per_prompt=5)
+    TasksConfig(malformed_candidates=True, responses_per_prompt=8)  # malformed candidates fill any K
 
 
 def test_to_pairs_gives_all_pairs_chosen_above_rejected(default_sets):

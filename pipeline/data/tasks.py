@@ -295,7 +295,7 @@ def _ranked_candidates(
     n_near = (1 if rng.random() < 0.5 else 0) if k == 2 else (1 if k == 3 else 2)
     chosen: dict[str, float] = {answer: 1.0}
     near, bad = _near_misses(record["task"], answer, rng), _malformed(answer, rng, words)
-    if not malformed:
+    if not malformed:  # drawn above all the same, so both settings consume the random stream alike
         bad = []
     # near misses up to their quota, then malformed ones, then more near misses if still short of k
     for pool, quota in ((near, n_near), (bad, k), (near, k)):
