@@ -541,12 +541,15 @@ class PPOStageConfig:
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response that never produces the end-of-turn token."""
     reference_dtype: Literal["float32", "bfloat16"] = "float32"
-    """dtype of the frozen reference and reward models (bf16 halves their memory)."""
+    """dtype of the frozen reference and reward models (bf16 halves their memory; an implicit reward model's
+    two LMs too)."""
     frozen_device: Literal["auto", "cpu"] = "auto"
     """auto: the frozen models live on the training device; cpu: offloaded to CPU memory and run there."""
     reward_norm: Literal["center", "standardize", "none"] = "center"
     """How the reward model's raw score is normalised with its reward_stats.json: score - mean
-    (InstructGPT: the SFT policy's rewards have mean 0), (score - mean) / std, or left raw."""
+    (InstructGPT: the SFT policy's rewards have mean 0), (score - mean) / std, or left raw. An implicit (DPO)
+    reward is used raw (its scale is reward.dpo_beta; group advantages cancel a shift); standardize is then an
+    error."""
     forward_batch_size: int = 0
     """Sequences per no-grad scoring forward during rollouts (0: the whole rollout batch at once)."""
     adam_eps: float = 1e-5

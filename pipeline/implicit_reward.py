@@ -149,9 +149,10 @@ class ImplicitReward:
     pad_token_id: int
     is_implicit_reward: bool = True
 
-    def to(self, device: Any) -> ImplicitReward:
-        self.model.to(device)
-        self.reference.to(device)
+    def to(self, device: Any, dtype: torch.dtype | None = None) -> ImplicitReward:
+        """Both models to ``device`` (and ``dtype`` when given); :meth:`score_ids` moves its inputs there."""
+        self.model.to(device=device, dtype=dtype)
+        self.reference.to(device=device, dtype=dtype)
         return self
 
     def parameters(self) -> Any:
@@ -178,11 +179,14 @@ class ImplicitReward:
     def score_ids(
         self, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Implicit rewards ``(B,)`` of left-padded queries + right-padded responses (PPO's rollout layout)."""
+        """Implicit rewards ``(B,)`` (float32, on the models' device) of left-padded queries + right-padded
+        responses (PPO's rollout layout), computed on the models' device."""
         from .rl.rollout import response_logprobs
 
-        lp = response_logprobs(self.model, query_ids, query_mask, response_ids, response_mask)
-        ref = response_logprobs(self.reference, query_ids, query_mask, response_ids, response_mask)
+        dev = next(self.model.parameters()).device
+        t = [x.to(dev) for x in (query_ids, query_mask, response_ids, response_mask)]
+        lp = response_logprobs(self.model, *t).float()
+        ref = response_logprobs(self.reference, *t).float()
         return (self.beta * (lp - ref).sum(1)).float()
 
     __call__ = score_ids

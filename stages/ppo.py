@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate.utils import set_seed
 
 from pipeline.agreement import best_of_k_reading, rm_vs_checker, visible_gain
@@ -85,7 +86,15 @@ def _body(ctx: StageContext) -> StageResult:
     if cfg.reward == "checker":  # the oracle ablation: PPO against the task checker instead of the reward model
         score_fn = CheckerReward(m.tokenizer, train_ids + held_ids, data.train + held)
     elif getattr(m.reward_model, "is_implicit_reward", False):  # reward.objective=dpo: scored through LM heads
-        score_fn = implicit_score_fn(m.reward_model.to(accelerator.device), m.stop_ids, m.pad_id)
+        if cfg.reward_norm == "standardize":
+            raise StageError(
+                f"ppo.reward_norm=standardize: the reward model at {reward_from} is an implicit (DPO) reward model, "
+                "whose rewards PPO uses as they are; set ppo.reward_norm=center (a constant shift, which group "
+                "advantages cancel) or none, or scale it with reward.dpo_beta"
+            )
+        frozen = torch.device("cpu") if cfg.frozen_device == "cpu" else accelerator.device
+        dtype = torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
+        score_fn = implicit_score_fn(m.reward_model.to(frozen, dtype), m.stop_ids, m.pad_id)
     trainer = PPOTrainer(
         cfg,
         accelerator,

@@ -250,7 +250,7 @@ def test_reward_stage_nll_term_raises_the_chosen_responses_reward(tmp_path):
     assert mean_best["1.0"] > mean_best["0"]  # ... and raises the held-out best responses' implicit reward
 
 
-def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantages(tmp_path):
+def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantages(tmp_path, capsys):
     from stages.ppo import main
     from tests.test_ppo import stage_setup
 
@@ -264,11 +264,19 @@ def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantag
             f.unlink() if f.is_file() else shutil.rmtree(f)
     make_tiny_lm(tok, seed=7).save_pretrained(art)  # the fake SFT model is seed 0
     save_implicit_reward(art, AutoModelForCausalLM.from_pretrained(sft), 0.1, tok)
+    assert main([*args, "ppo.reward_norm=standardize"]) == 2  # a clear error, not silently unapplied
+    assert "ppo.reward_norm=standardize" in capsys.readouterr().err
+    assert not StageDir.of(cfg.run_dir, "ppo").manifest_path.exists()
+    shutil.rmtree(StageDir.of(cfg.run_dir, "ppo").root)  # the started folder of the refused config
+    assert main([*args, "ppo.frozen_device=cpu", "ppo.reference_dtype=bfloat16"]) == 0  # the frozen pair in bf16
+    bf16 = json.loads(StageDir.of(cfg.run_dir, "ppo").manifest_path.read_text())["metrics"]
+    shutil.rmtree(StageDir.of(cfg.run_dir, "ppo").root)
     assert main(args) == 0
     manifest = json.loads(StageDir.of(cfg.run_dir, "ppo").manifest_path.read_text())
     m = manifest["metrics"]
     assert all(torch.isfinite(torch.tensor(m[k])) for k in ("reward_mean", "sft_reward_mean", "kl", "train_reward"))
     assert m["sft_reward_mean"] != 0.0  # scored by the trained LM against its reference, not a zero stand-in
+    assert bf16["sft_reward_mean"] == pytest.approx(m["sft_reward_mean"], abs=0.05)  # bf16 scores close to fp32
     assert manifest["rm_vs_checker"] is not None  # the report's reward-model-vs-checker section
 
     _, gae_args = stage_setup(tmp_path / "gae")
