@@ -10,10 +10,18 @@ The launcher, not the test process, decides these.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 _DISTRIBUTED = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
+
+
+def accelerate_launch(config_file: str | Path, nproc: int = 2) -> list[str]:
+    """``accelerate launch`` with ``nproc`` processes, ``config_file`` and a free port (no clash with a previous
+    launch's port still held); append ``-m stages.<stage> <args>``."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0",
+            "--num_processes", str(nproc), "--config_file", str(config_file)]  # fmt: skip
 
 
 def child_env(**extra: str) -> dict[str, str]:

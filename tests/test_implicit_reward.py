@@ -293,9 +293,8 @@ def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantag
 @pytest.mark.parametrize("launch", ["ddp.yaml", "zero3.yaml"])
 def test_reward_stage_dpo_with_on_policy_pairs_two_processes(tmp_path, launch):
     import subprocess
-    import sys
 
-    from tests.helpers_launch import child_env
+    from tests.helpers_launch import accelerate_launch, child_env
     from tests.test_reward import REPO, _setup
 
     extra = (
@@ -312,8 +311,7 @@ def test_reward_stage_dpo_with_on_policy_pairs_two_processes(tmp_path, launch):
         for r in recs:
             r.update(task="yes", answer=r["responses"][r["ranking"][0]])
         path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--num_processes", "2",
-           "--config_file", f"configs/accelerate/{launch}", "-m", "stages.reward", *overrides]  # fmt: skip
+    cmd = [*accelerate_launch(f"configs/accelerate/{launch}"), "-m", "stages.reward", *overrides]
     done = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rd = tmp_path / "runs" / "t" / "reward"

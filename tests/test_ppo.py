@@ -28,7 +28,7 @@ from pipeline.rl.rollout import (
 )
 from pipeline.rl.trainer import PPOInterrupted, PPOTrainer
 from pipeline.runs import StageDir
-from tests.helpers_launch import child_env
+from tests.helpers_launch import accelerate_launch, child_env
 
 V, PAD, STOP, TARGET = 16, 0, 1, 7
 
@@ -471,7 +471,6 @@ def test_stage_resumes_after_a_kill(tmp_path):
 def _launch(tmp_path, launch, args, name):
     """Run the stage under ``accelerate launch`` with 2 processes and the project's config for ``launch``."""
     import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -483,20 +482,7 @@ def _launch(tmp_path, launch, args, name):
     text = "\n".join(lines).replace("configs/accelerate/", f"{root}/configs/accelerate/")
     cfg_file = tmp_path / f"{name}.yaml"
     cfg_file.write_text(text + "\n")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--main_process_port",
-        "0",
-        "--num_processes",
-        "2",
-        "--config_file",
-        str(cfg_file),
-        "-m",
-        "stages.ppo",
-        *args,
-    ]
+    cmd = [*accelerate_launch(cfg_file), "-m", "stages.ppo", *args]
     env = child_env()  # without the launcher state earlier in-process tests leave behind
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from pipeline.config import PretrainConfig, load_config
 from pipeline.pretrain import lr_at, resolve_model_config
 from pipeline.runs import StageDir, StageError
-from tests.helpers_launch import child_env
+from tests.helpers_launch import accelerate_launch, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -202,22 +202,8 @@ def test_stale_stage_is_not_overwritten(tmp_path, tokenized):
 
 
 def _launch(cfg: Path, accel: str, nproc: int, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--main_process_port",
-        "0",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / accel),
-        "--num_processes",
-        str(nproc),
-        "-m",
-        "stages.pretrain",
-        "--config",
-        str(cfg),
-        *extra,
-    ]
+    cmd = [*accelerate_launch(ROOT / "configs" / "accelerate" / accel, nproc), "-m", "stages.pretrain",
+           "--config", str(cfg), *extra]  # fmt: skip
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -263,15 +249,7 @@ def test_deepspeed_zero2_two_processes_checkpoints_and_resumes(tmp_path, tokeniz
     cfg, run = _run_dir(tmp_path, tokenized, "zero2", steps=150)
     sd = StageDir.of(run, "pretrain")
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--main_process_port",
-        "0",
-        "--config_file",
-        str(ROOT / "configs" / "accelerate" / "zero2.yaml"),
-        "--num_processes",
-        "2",
+        *accelerate_launch(ROOT / "configs" / "accelerate" / "zero2.yaml"),
         "-m",
         "stages.pretrain",
         "--config",

@@ -36,7 +36,7 @@ from pipeline.reward import (
     reward_stats,
     score_texts,
 )
-from tests.helpers_launch import child_env
+from tests.helpers_launch import accelerate_launch, child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -401,8 +401,7 @@ def test_stage_two_processes(tmp_path, launch):
         r.update(task="yes", answer=r["responses"][r["ranking"][0]])
     eval_path.write_text("".join(json.dumps(r) + "\n" for r in held))
     env = child_env()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "0", "--num_processes", "2",
-           "--config_file", f"configs/accelerate/{launch}", "-m", "stages.reward", *overrides]  # fmt: skip
+    cmd = [*accelerate_launch(f"configs/accelerate/{launch}"), "-m", "stages.reward", *overrides]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rd = tmp_path / "runs" / "t" / "reward"

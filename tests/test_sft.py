@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from pipeline.sft import (
     tokenize_examples,
 )
 from tests.helpers_artifacts import make_fake_upstream, make_tiny_lm, make_tokenizer
-from tests.helpers_launch import child_env
+from tests.helpers_launch import accelerate_launch, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERSATION = [
@@ -429,18 +428,7 @@ def test_finetuned_model_beats_the_pretrained_one_on_held_out_questions(tok, tmp
 
 
 def _launch_cmd(accel: str) -> list[str]:
-    config = str(ROOT / "configs" / "accelerate" / accel)
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--main_process_port",
-        "0",
-        "--num_processes",
-        "2",
-        "--config_file",
-        config,
-    ]
+    return accelerate_launch(ROOT / "configs" / "accelerate" / accel)
 
 
 def _launch_env() -> dict[str, str]:
