@@ -187,7 +187,7 @@ class ImplicitReward:
         t = [x.to(dev) for x in (query_ids, query_mask, response_ids, response_mask)]
         lp = response_logprobs(self.model, *t).float()
         ref = response_logprobs(self.reference, *t).float()
-        return (self.beta * (lp - ref).sum(1)).float()
+        return self.beta * (lp - ref).sum(1)
 
     __call__ = score_ids
 

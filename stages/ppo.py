@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate.utils import set_seed
 
 from pipeline.agreement import best_of_k_reading, rm_vs_checker, visible_gain
@@ -36,7 +35,7 @@ from pipeline.rl.components import (
     render_prompts,
     save_policy,
 )
-from pipeline.rl.trainer import PPOInterrupted, PPOTrainer
+from pipeline.rl.trainer import PPOInterrupted, PPOTrainer, frozen_placement
 from pipeline.runs import StageError
 from pipeline.stage import StageContext, StageResult, run_stage
 
@@ -92,9 +91,9 @@ def _body(ctx: StageContext) -> StageResult:
                 "whose rewards PPO uses as they are; set ppo.reward_norm=center (a constant shift, which group "
                 "advantages cancel) or none, or scale it with reward.dpo_beta"
             )
-        frozen = torch.device("cpu") if cfg.frozen_device == "cpu" else accelerator.device
-        dtype = torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
-        score_fn = implicit_score_fn(m.reward_model.to(frozen, dtype), m.stop_ids, m.pad_id)
+        score_fn = implicit_score_fn(
+            m.reward_model.to(*frozen_placement(cfg, accelerator.device)), m.stop_ids, m.pad_id
+        )
     trainer = PPOTrainer(
         cfg,
         accelerator,

@@ -68,7 +68,7 @@ from .rollout import (
     sequence_scores,
 )
 
-__all__ = ["PPOTrainer", "ScoreFn", "PPOInterrupted"]
+__all__ = ["PPOTrainer", "ScoreFn", "PPOInterrupted", "frozen_placement"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,13 @@ def _is_zero3(accelerator: Any) -> bool:
 
 def _is_deepspeed(accelerator: Any) -> bool:
     return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
+def frozen_placement(cfg: PPOStageConfig, device: torch.device) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype the frozen models run: ``ppo.frozen_device`` (``auto``: ``device``, the training
+    device) and ``ppo.reference_dtype``."""
+    frozen = torch.device("cpu") if cfg.frozen_device == "cpu" else device
+    return frozen, torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
 
 
 class PPOTrainer:
@@ -142,8 +149,7 @@ class PPOTrainer:
             if m is not None:
                 disable_dropout(m)
                 fuse_activations(m)
-        frozen_device = torch.device("cpu") if cfg.frozen_device == "cpu" else self.device
-        dtype = torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
+        frozen_device, dtype = frozen_placement(cfg, self.device)
         self.ref_model = self._freeze(ref_model, frozen_device, dtype)
         self.reward_model = self._freeze(reward_model, frozen_device, dtype) if reward_model is not None else None
 
