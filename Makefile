@@ -18,12 +18,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+BENCH_VENV ?= .venv-bench
+HF4_VENV ?= .venv-hf4
 
 OVERRIDES = $(ARGS) $(if $(EXPORT_DIR),export.dir=$(EXPORT_DIR))
 RUN = $(PY) -m pipeline run --config $(CONFIG) --launch $(LAUNCH) --nproc $(NPROC) $(if $(filter 1 yes true,$(FORCE)),--force)
 STAGES = tokenizer pretrain sft reward ppo export
 
-.PHONY: install all $(STAGES) status report chat test test-slow smoke lint format bench clean
+.PHONY: install all $(STAGES) status report chat test test-slow test-interop smoke lint format bench bench-env clean
 
 install: $(STAMP)
 
@@ -55,6 +57,15 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# The export loads in transformers 4.x too: a second venv ($(HF4_VENV)) that the export check runs in.
+test-interop: $(STAMP) $(HF4_VENV)/.installed
+	HF4_PYTHON=$(HF4_VENV)/bin/python $(PY) -m pytest -q -m slow tests/test_export.py -k transformers_4
+
+$(HF4_VENV)/.installed:
+	test -x $(HF4_VENV)/bin/python || $(PYTHON) -m venv $(HF4_VENV)
+	$(HF4_VENV)/bin/pip install torch==2.13.0 'transformers<5'
+	touch $@
+
 # The whole pipeline on a micro config in a temporary folder (about a minute on 2 CPU cores).
 smoke: $(STAMP)
 	$(PY) -m pytest -q -m "" tests/test_e2e.py::test_micro_pipeline_end_to_end
@@ -70,6 +81,14 @@ format: $(STAMP)
 # Measurements, appended to bench/RESULTS.md with their commands.
 bench: $(STAMP)
 	$(PY) bench/pretrain_throughput.py
+
+# TRL 1.12 in its own venv ($(BENCH_VENV)): the reference side of bench/ppo_throughput.py (issue #6).
+bench-env: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install torch==2.13.0 'trl==1.12.0' 'transformers==5.23.0'
+	touch $@
 
 # Caches only: runs/ holds trained stages and is never deleted here (remove a run folder by hand).
 clean:

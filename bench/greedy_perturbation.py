@@ -36,7 +36,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.data.tasks import check_answer
-    from pipeline.evaluate import generate_responses
+    from pipeline.lm import generate_responses
 
     records = task_records(a, "ppo_eval")
     prompts = [r["prompt"] for r in records]

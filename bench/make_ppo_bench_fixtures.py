@@ -1,8 +1,9 @@
 """Tiny models and prompts for the PPO throughput comparison (ours against TRL 1.12's PPOTrainer).
 
-Writes, under ``--out`` (default ``/tmp/trlbench``):
+Writes, under ``--out`` (default ``runs/trlbench`` of the checkout):
 
-- ``tokenizer/``: a byte-level BPE trained with ``pipeline.tokenizer`` on ``--corpus`` (chat template,
+- ``tokenizer/``: a byte-level BPE trained with ``pipeline.tokenizer`` on ``--corpus`` (default: the shared
+  ``tinyshakespeare.txt`` beside the checkout, ``../shared/data``; chat template,
   ``<|pad|>``/``<|end|>`` and the other special tokens of the contract);
 - ``policy/``: a randomly initialised ``GPT2LMHeadModel`` + the tokenizer files, ``generation_config.json``
   stopping at ``<|end|>``/``<|endoftext|>``;
@@ -13,7 +14,7 @@ Writes, under ``--out`` (default ``/tmp/trlbench``):
 
 Runs with the project's venv (it imports ``pipeline``); TRL 1.12's venv only loads what it writes::
 
-    .venv/bin/python bench/make_ppo_bench_fixtures.py --out /tmp/trlbench
+    .venv/bin/python bench/make_ppo_bench_fixtures.py --out runs/trlbench
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import torch
 from pipeline.config import TokenizerConfig
 from pipeline.tokenizer import END_TOKEN, EOT_TOKEN, PAD_TOKEN, load_tokenizer, save_tokenizer, train_tokenizer
 
-DEFAULT_CORPUS = "/work/shared/data/tinyshakespeare.txt"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "runs" / "trlbench"
+DEFAULT_CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def make_prompts(n: int, seed: int) -> list[dict]:
@@ -53,8 +56,8 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="/tmp/trlbench")
-    p.add_argument("--corpus", default=DEFAULT_CORPUS)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="text file, documents split at blank lines")
     p.add_argument("--vocab-size", type=int, default=512)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=64)

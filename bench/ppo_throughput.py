@@ -4,8 +4,9 @@ Runs our ``pipeline.rl.trainer.PPOTrainer`` and, for comparison, TRL 1.12's ``tr
 (in its own venv) on the same models, prompts, batch sizes and generation length, one after the other, and
 appends a row to bench/RESULTS.md::
 
-    .venv/bin/python bench/make_ppo_bench_fixtures.py --out /tmp/trlbench        # tiny models + prompts
-    .venv/bin/python bench/ppo_throughput.py --fixtures /tmp/trlbench --trl-python /work/trl112venv/bin/python
+    .venv/bin/python bench/make_ppo_bench_fixtures.py --out runs/trlbench        # tiny models + prompts
+    make bench-env                                                                # TRL 1.12 in .venv-bench
+    .venv/bin/python bench/ppo_throughput.py --fixtures runs/trlbench --trl-python .venv-bench/bin/python
     .venv/bin/python bench/ppo_throughput.py --config configs/tiny.yaml          # ours only, the run's sft/reward
 
 Each implementation runs ``--warmup`` steps, then ``--steps`` timed steps; prompts/s = timed prompts / timed
@@ -50,8 +51,9 @@ def run_ours(args: argparse.Namespace) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from pipeline.config import load_config
-    from pipeline.rl.components import load_models, load_reward_stats, make_accelerator, render_prompts
+    from pipeline.rl.components import load_models, load_reward_stats, render_prompts
     from pipeline.rl.trainer import PPOTrainer
+    from pipeline.training import make_accelerator
 
     torch.set_num_threads(args.threads)
     overrides = list(args.overrides)
@@ -75,7 +77,7 @@ def run_ours(args: argparse.Namespace) -> dict:
         m.policy,
         m.value_model,
         m.ref_model,
-        m.reward_model,
+        m.scorer,
         m.stop_ids,
         m.pad_id,
         reward_stats=load_reward_stats(reward_from),

@@ -45,14 +45,14 @@ def main() -> None:
     a = ap.parse_intermixed_args()
     torch.set_num_threads(a.threads)
 
-    from pipeline.reward import load_reward_model, score_texts
+    from pipeline.reward import load_scorer
 
-    rm, tok = load_reward_model(a.reward)
+    scorer = load_scorer(a.reward)  # a scalar head or DPO's implicit reward
     stats: dict[str, dict[str, float]] = {}
     for rec in task_records(a, "ppo_eval"):
         kinds = shortcuts(rec["answer"])
         texts = [rec["answer"]] + [t for ts in kinds.values() for t in ts]
-        scores = score_texts(rm, tok, [rec["prompt"]] * len(texts), texts).tolist()
+        scores = scorer.score_texts([rec["prompt"]] * len(texts), texts).tolist()
         right, rest = scores[0], scores[1:]
         for kind, ts in kinds.items():
             if not ts:

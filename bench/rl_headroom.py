@@ -17,7 +17,7 @@ prompts), from ``--samples`` responses sampled at temperature 1 from the SFT mod
 
 Prints a markdown table (one row per task kind and ``all``) and a one-line reading of it, for
 bench/RESULTS.md. The reward stage runs the same check
-(:func:`pipeline.agreement.best_of_k`) on its held-out prompts and the run report shows it.
+(:func:`pipeline.analysis.best_of_k.best_of_k`) on its held-out prompts and the run report shows it.
 """
 
 from __future__ import annotations
@@ -46,16 +46,15 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.agreement import format_best_of_k
-    from pipeline.reward import load_reward_model, policy_best_of_k
+    from pipeline.analysis.best_of_k import format_best_of_k
+    from pipeline.analysis.diagnostics import policy_best_of_k
+    from pipeline.reward import load_scorer
 
     records = task_records(a, a.split)
     tok = AutoTokenizer.from_pretrained(a.sft)
     policy = AutoModelForCausalLM.from_pretrained(a.sft).eval()
-    rm, rm_tok = load_reward_model(a.reward)
-    table = policy_best_of_k(
-        policy, rm, tok, records, a.samples, a.max_new_tokens, batch_size=200, seed=a.seed, reward_tokenizer=rm_tok
-    )
+    scorer = load_scorer(a.reward)  # scores text with its own tokenizer
+    table = policy_best_of_k(policy, scorer, tok, records, a.samples, a.max_new_tokens, batch_size=200, seed=a.seed)
     if table is None:
         raise SystemExit("no prompt has a task checker")
     print("\n".join(format_best_of_k(table, a.samples)))

@@ -1,15 +1,15 @@
 """The reference side of the PPO comparison (issue #6): TRL 1.12.0's ``trl.experimental.ppo.PPOTrainer`` on CPU.
 
-Runs in its own venv (``/work/trl112venv``: torch 2.13.0+cpu, trl 1.12.0, transformers 5.23), so it imports
-nothing from the project's ``pipeline`` package. It loads the policy (and a second copy as the frozen
-reference) from ``--policy``, the reward model and the value model (a second copy, trained) from ``--reward``,
-turns each prompt of ``--prompts`` (jsonl, field ``prompt``: a user message) into ``input_ids`` with the
-tokenizer's chat template (``add_generation_prompt=True``), runs ``--steps`` PPO steps of ``--batch`` prompts
-and writes one JSON file with the wall time, prompts/s, generation tokens/s and TRL's per-step metrics.
+Runs in its own venv (``.venv-bench`` from ``make bench-env``: torch 2.13.0+cpu, trl 1.12.0, transformers 5.23),
+so it imports nothing from the project's ``pipeline`` package. It loads the policy (and a second copy as the
+frozen reference) from ``--policy``, the reward model and the value model (a second copy, trained) from
+``--reward``, turns each prompt of ``--prompts`` (jsonl, field ``prompt``: a user message) into ``input_ids``
+with the tokenizer's chat template (``add_generation_prompt=True``), runs ``--steps`` PPO steps of ``--batch``
+prompts and writes one JSON file with the wall time, prompts/s, generation tokens/s and TRL's per-step metrics.
 
-    /work/trl112venv/bin/python bench/trl_ppo_reference.py --policy /tmp/trlbench/policy \\
-        --reward /tmp/trlbench/reward --prompts /tmp/trlbench/prompts.jsonl --batch 16 --mini-batches 2 \\
-        --ppo-epochs 1 --response-length 16 --steps 2 --out /tmp/trlbench/trl.json
+    .venv-bench/bin/python bench/trl_ppo_reference.py --policy runs/trlbench/policy \\
+        --reward runs/trlbench/reward --prompts runs/trlbench/prompts.jsonl --batch 16 --mini-batches 2 \\
+        --ppo-epochs 1 --response-length 16 --steps 2 --out runs/trlbench/trl.json
 
 Batch mapping (TRL 1.12 semantics, one process): ``per_device_train_batch_size = batch``,
 ``gradient_accumulation_steps = 1`` so TRL's batch (per_device * grad_accum * processes) is ``--batch``, its
@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     if trl.__version__ != "1.12.0":
-        print(f"warning: trl {trl.__version__} is not the 1.12.0 of issue #6 (use /work/trl112venv)", file=sys.stderr)
+        print(
+            f"warning: trl {trl.__version__} is not the 1.12.0 of issue #6 (make bench-env gives .venv-bench with it)",
+            file=sys.stderr,
+        )
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     transformers.logging.set_verbosity_error()

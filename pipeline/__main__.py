@@ -18,9 +18,12 @@ import argparse
 import logging
 import sys
 
+from .chat import ChatSettings, chat_loop, resolve_model_dir
 from .config import ConfigError, load_config
-from .orchestrate import LAUNCHES, RunOptions, run_pipeline, run_status
+from .orchestrate import LAUNCHES, RunOptions, run_pipeline
+from .report import write_report
 from .runs import STAGES, StageError
+from .status import run_status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,12 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(st.line())
             return 0
         if args.command == "report":
-            from .report import write_report
-
             print(write_report(cfg, samples=not args.no_samples))
             return 0
-        from .chat import ChatSettings, chat_loop, resolve_model_dir
-
         settings = ChatSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.system, args.seed)
         return chat_loop(resolve_model_dir(cfg, args.stage, args.model), settings)
     except (ConfigError, StageError) as e:

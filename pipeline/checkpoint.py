@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
-from .runs import StageDir, StageError, atomic_write_json
+from .runs import TRAINER_STATE, StageDir, StageError, atomic_write_json
 
 __all__ = ["save_checkpoint", "load_checkpoint", "generator_state", "set_generator_state", "TRAINER_STATE"]
 
 log = logging.getLogger(__name__)
-TRAINER_STATE = "trainer_state.json"
 
 
 def generator_state(g: torch.Generator) -> str:
@@ -50,7 +49,8 @@ def save_checkpoint(accelerator: Any, stage_dir: StageDir, step: int, keep: int,
     Returns:
         The published checkpoint folder.
     """
-    tmp = stage_dir.checkpoints / f"step_{step:06d}.tmp"
+    final = stage_dir.checkpoint_path(step)
+    tmp = final.with_suffix(".tmp")
     if accelerator.is_main_process:
         stage_dir.checkpoint_tmp(step)
     accelerator.wait_for_everyone()
@@ -60,7 +60,7 @@ def save_checkpoint(accelerator: Any, stage_dir: StageDir, step: int, keep: int,
         atomic_write_json(tmp / TRAINER_STATE, {**state, "step": step})
         stage_dir.publish_checkpoint(tmp, step, keep)
     accelerator.wait_for_everyone()
-    return stage_dir.checkpoints / f"step_{step:06d}"
+    return final
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict[str, Any]:

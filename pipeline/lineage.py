@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .config import RunConfig, fingerprint
 
-__all__ = ["stage_inputs", "stage_sections", "stage_fingerprint", "all_fingerprints", "UPSTREAM"]
+__all__ = ["stage_inputs", "stage_sections", "all_fingerprints", "UPSTREAM"]
 
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "tokenizer": (),
@@ -42,6 +42,7 @@ def stage_inputs(cfg: RunConfig, stage: str) -> tuple[str, ...]:
 
 
 def stage_sections(cfg: RunConfig, stage: str) -> tuple:
+    """The config values ``stage``'s fingerprint hashes (the ``report:`` section is in none: it judges runs)."""
     seed = cfg.run.seed
     if stage == "tokenizer":
         return (seed, cfg.tokenizer, cfg.data.corpus)
@@ -60,11 +61,8 @@ def stage_sections(cfg: RunConfig, stage: str) -> tuple:
 
 
 def all_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    """Every stage's fingerprint, upstream first (each hashes its sections and its inputs' fingerprints)."""
     fps: dict[str, str] = {}
     for stage in UPSTREAM:
         fps[stage] = fingerprint(*stage_sections(cfg, stage), *[fps[u] for u in stage_inputs(cfg, stage)])
     return fps
-
-
-def stage_fingerprint(cfg: RunConfig, stage: str) -> str:
-    return all_fingerprints(cfg)[stage]

@@ -10,47 +10,43 @@ in order (``lineage.stage_inputs``), and for each:
   aside (``<stage>.old-<time>``) and never deletes anything.
 
 Training stages run under ``accelerate launch`` with ``configs/accelerate/<launch>.yaml``; ``launch="cpu"``
-and the tokenizer/export stages run as plain ``python -m stages.<stage>`` (fast start-up).
+and the tokenizer/export stages run as plain ``python -m stages.<stage>`` (fast start-up). A stage's state and
+why it is stale come from ``pipeline.status``; a partial stage's checkpoint is checked (``pipeline.filecheck``)
+before it resumes.
 
 This module imports no torch: deciding that everything is done takes well under a second.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-
-from .config import ConfigError, RunConfig, fingerprint, from_dict, load_config, to_dict
-from .lineage import all_fingerprints, stage_inputs, stage_sections
-from .runs import STAGES, StageDir, StageError
+from .config import ConfigError, RunConfig, load_config
+from .filecheck import check_checkpoint
+from .lineage import all_fingerprints, stage_inputs
+from .publish import publish
+from .runs import KEY_METRICS, STAGES, StageDir, StageError
+from .status import StageStatus, format_value, run_status, stage_status
 
 __all__ = [
     "LAUNCHES",
     "RunOptions",
-    "StageStatus",
     "plan",
-    "stage_status",
-    "run_status",
-    "config_changes",
     "stage_command",
-    "check_checkpoint",
-    "check_file",
-    "format_value",
     "run_pipeline",
+    # re-exported for pipeline.report (their home: runs.KEY_METRICS, pipeline.status)
+    "KEY_METRICS",
+    "format_value",
+    "run_status",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,17 +54,6 @@ log = logging.getLogger(__name__)
 LAUNCHES = ("cpu", "ddp", "zero2", "zero3")
 _SINGLE_PROCESS = ("tokenizer", "export")
 """Stages that never need a distributed launcher."""
-_IGNORED_KEYS = ("run.name", "run.root", "export.dir")
-"""Keys that say where things go, not what they are."""
-KEY_METRICS: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("vocab_size",),
-    "pretrain": ("train_loss", "val_loss", "tokens", "tokens_per_s"),
-    "sft": ("train_loss", "val_loss", "checker_accuracy"),
-    "reward": ("pair_accuracy",),
-    "ppo": ("reward_mean", "sft_reward_mean", "kl", "checker_accuracy"),
-    "export": ("max_abs_logit_diff", "n_params"),
-}
-_STEP_DIR_RE = re.compile(r"^(?:step_|checkpoint-)(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -89,39 +74,6 @@ class RunOptions:
     accelerate_dir: str = "configs/accelerate"
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for the stage processes."""
-
-
-@dataclass
-class StageStatus:
-    """What ``status`` shows for one stage."""
-
-    stage: str
-    state: str
-    """done | partial | stale | missing (as in runs.StageDir.state), or broken (done but artifact gone)."""
-    fingerprint: str
-    path: Path
-    step: int | None = None
-    max_steps: int | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    changes: list[str] = field(default_factory=list)
-    """For a stale stage: what changed, one line per key or input."""
-    wall_time_s: float | None = None
-
-    def line(self) -> str:
-        """One human-readable line: ``sft       done     train_loss=1.23 ... runs/tiny/sft/artifact``."""
-        state = self.state
-        if state == "partial":
-            state = f"partial (at step {self.step if self.step is not None else 0} of {self.max_steps or '?'})"
-        elif state == "stale" and self.changes:
-            state = f"stale ({'; '.join(self.changes[:3])}{' ...' if len(self.changes) > 3 else ''})"
-        metrics = " ".join(f"{k}={format_value(v)}" for k, v in self.metrics.items())
-        where = self.path / "artifact" if self.state == "done" else self.path
-        return f"{self.stage:<10} {state:<28} {metrics}  {where}".rstrip()
-
-
-def format_value(v: Any) -> str:
-    """A metric for humans: floats with 4 significant digits."""
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -147,242 +99,6 @@ def plan(cfg: RunConfig, target: str) -> list[str]:
 
     visit(target)
     return [s for s in STAGES if s in needed]
-
-
-# ----------------------------------------------------------------------------- state and diffs
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
-
-
-def _saved_config(sd: StageDir) -> dict[str, Any] | None:
-    """The resolved config a stage folder was made with (config.yaml, else the manifest's sections)."""
-    path = sd.root / "config.yaml"
-    if path.is_file():
-        try:
-            tree = yaml.safe_load(path.read_text())
-            if isinstance(tree, dict):
-                return tree
-        except yaml.YAMLError:
-            pass
-    m = sd.manifest()
-    return m.get("config") if m else None
-
-
-def config_changes(
-    cfg: RunConfig, stage: str, saved: dict[str, Any], saved_inputs: dict[str, str] | None = None
-) -> list[str]:
-    """Explain why ``stage`` made with config ``saved`` differs from ``cfg``, key by key.
-
-    Each changed key is kept only if putting back its old value changes this stage's fingerprint, so the
-    list names exactly the keys that matter (``sft.lr: 0.0005 -> 0.0001``); a key that matters only through
-    an upstream stage is reported as ``input 'sft' changed (sft.lr: ...)``.
-
-    Args:
-        cfg: the current resolved config.
-        stage: the stage to explain.
-        saved: the resolved config tree the stage folder was made with (possibly only some sections).
-        saved_inputs: upstream stage -> fingerprint the stage consumed (from its manifest).
-
-    Returns:
-        One line per change; empty when nothing identifiable changed.
-    """
-    current = to_dict(cfg)
-    now, old = _flatten(current), _flatten(saved)
-    fps = all_fingerprints(cfg)
-    own = fingerprint(*stage_sections(cfg, stage))
-    direct: list[str] = []
-    via_inputs: dict[tuple[str, ...], list[str]] = {}
-    for key in sorted(set(now) & set(old)):
-        if key in _IGNORED_KEYS or _same(now[key], old[key]):
-            continue
-        change = f"{key}: {old[key]!r} -> {now[key]!r}"
-        try:
-            alt_cfg = from_dict(RunConfig, _with_value(current, key, old[key]))
-        except (ConfigError, TypeError, ValueError):
-            direct.append(change)
-            continue
-        alt = all_fingerprints(alt_cfg)
-        if alt[stage] == fps[stage]:
-            continue
-        if fingerprint(*stage_sections(alt_cfg, stage)) != own:
-            direct.append(change)
-        else:
-            ups = tuple(u for u in stage_inputs(cfg, stage) if alt.get(u) != fps[u])
-            via_inputs.setdefault(ups, []).append(change)
-    lines = list(direct)
-    for ups, changes in via_inputs.items():
-        names = " and ".join(f"'{u}'" for u in ups) or "an input"
-        lines.append(f"input {names} changed ({', '.join(changes)})")
-    explained = {u for ups in via_inputs for u in ups}
-    for up, fp in (saved_inputs or {}).items():
-        if up not in explained and fps.get(up) not in (None, fp):
-            lines.append(f"input '{up}' changed (fingerprint {fp} -> {fps[up]})")
-    sections = {k.split(".")[0] for k in old}  # a manifest may hold only some sections
-    added = sorted(k for k in set(now) - set(old) if k.split(".")[0] in sections and k not in _IGNORED_KEYS)
-    removed = sorted(set(old) - set(now))
-    if removed:  # the code's config schema changed since (keys are part of the fingerprint)
-        lines.insert(0, f"keys no longer in the config: {', '.join(removed[:5])}")
-    if added:
-        lines.insert(0, f"keys new since it was made: {', '.join(added[:5])}")
-    return lines
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return list(a) == list(b)
-    return a == b
-
-
-def _with_value(tree: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
-    out = json.loads(json.dumps(tree))
-    node = out
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node[p]
-    node[parts[-1]] = value
-    return out
-
-
-def _latest_step(sd: StageDir) -> tuple[int | None, Path | None]:
-    best: tuple[int | None, Path | None] = (None, None)
-    if sd.checkpoints.is_dir():
-        for p in sd.checkpoints.iterdir():
-            m = _STEP_DIR_RE.match(p.name)  # our step_N and the HF Trainer's checkpoint-N, both marked COMPLETE
-            if m and (p / "COMPLETE").is_file() and (best[0] is None or int(m.group(1)) > best[0]):
-                best = (int(m.group(1)), p)
-    return best
-
-
-def _max_steps(cfg: RunConfig, stage: str, ckpt: Path | None) -> int | None:
-    """Total steps of a stage: from its checkpoint's metadata when recorded, else from the config."""
-    if ckpt is not None:
-        for name in ("state.json", "meta.json", "trainer_state.json", "progress.json"):
-            p = ckpt / name
-            if p.is_file():
-                try:
-                    meta = json.loads(p.read_text())
-                except (OSError, json.JSONDecodeError):
-                    continue
-                for key in ("max_steps", "total_steps"):
-                    if isinstance(meta.get(key), int) and meta[key] > 0:
-                        return meta[key]
-    by_config = {
-        "pretrain": cfg.pretrain.max_steps,
-        "sft": cfg.sft.max_steps,
-        "reward": cfg.reward.max_steps,
-        "ppo": cfg.ppo.steps,
-    }.get(stage)
-    return by_config if by_config and by_config > 0 else None
-
-
-def stage_status(cfg: RunConfig, stage: str, fps: dict[str, str] | None = None) -> StageStatus:
-    """Inspect one stage folder against the current config (reads only small files)."""
-    fps = fps or all_fingerprints(cfg)
-    sd = StageDir.of(cfg.run_dir, stage)
-    state = sd.state(fps[stage])
-    if state == "partial" and sd.started_fingerprint() not in (None, fps[stage]):
-        state = "stale"  # the harness refuses to resume a run begun with another config
-    st = StageStatus(stage, state, fps[stage], sd.root)
-    manifest = sd.manifest()
-    if state == "done":
-        assert manifest is not None
-        st.metrics = {k: manifest["metrics"][k] for k in KEY_METRICS.get(stage, ()) if k in manifest.get("metrics", {})}
-        st.wall_time_s = manifest.get("wall_time_s")
-        if not sd.artifact.is_dir() or not any(sd.artifact.iterdir()):
-            st.state = "broken"
-            st.changes = [f"the manifest says done but {sd.artifact} is missing or empty"]
-    elif state == "partial":
-        st.step, ckpt = _latest_step(sd)
-        st.max_steps = _max_steps(cfg, stage, ckpt)
-    elif state == "stale":
-        saved = _saved_config(sd)
-        st.changes = config_changes(cfg, stage, saved or {}, (manifest or {}).get("inputs"))
-        if not st.changes:
-            st.changes = [f"fingerprint {_found_fp(sd, manifest)} != {fps[stage]}"]
-    return st
-
-
-def _found_fp(sd: StageDir, manifest: dict[str, Any] | None) -> str:
-    return str(manifest.get("fingerprint") if manifest else sd.started_fingerprint())
-
-
-def run_status(cfg: RunConfig) -> list[StageStatus]:
-    """Every stage of the run (tokenizer ... export), in order."""
-    fps = all_fingerprints(cfg)
-    return [stage_status(cfg, s, fps) for s in STAGES]
-
-
-# ----------------------------------------------------------------------------- checkpoint sanity
-
-
-def check_checkpoint(path: Path) -> list[str]:
-    """Cheap integrity checks of every file of a checkpoint folder before resuming from it (see ``check_file``).
-
-    Returns:
-        One problem per line (empty: nothing wrong found), each naming the file.
-    """
-    return [problem for p in sorted(path.rglob("*")) if p.is_file() for problem in check_file(p)]
-
-
-def check_file(p: Path) -> list[str]:
-    """Checks a safetensors header against the file size, that a ``.pt``/``.bin``/``.pth`` zip archive has its
-    central directory (a truncated torch.save file does not), that a plain pickle ends with its STOP opcode, and that
-    a JSON file parses. Nothing is unpickled or loaded.
-
-    Returns:
-        The problems found, each naming the file (empty: none).
-    """
-    try:
-        if p.suffix == ".safetensors":
-            return _check_safetensors(p)
-        # accelerate's random_states_N.pkl is a torch.save zip archive too, despite its suffix
-        if p.suffix in (".pt", ".bin", ".pth", ".pkl") and p.stat().st_size > 0 and _is_zip_start(p):
-            with zipfile.ZipFile(p) as z:
-                z.namelist()
-        elif p.suffix == ".json":
-            json.loads(p.read_text())
-        elif p.suffix == ".pkl" and not _ends_with_pickle_stop(p):
-            return [f"{p}: truncated (a pickle ends with its STOP opcode)"]
-    except (zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        return [f"{p}: unreadable ({type(e).__name__}: {e})"]
-    return []
-
-
-def _ends_with_pickle_stop(p: Path) -> bool:
-    with open(p, "rb") as f:
-        f.seek(max(0, p.stat().st_size - 1))
-        return f.read(1) == b"."
-
-
-def _is_zip_start(p: Path) -> bool:
-    with open(p, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
-
-
-def _check_safetensors(p: Path) -> list[str]:
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return [f"{p}: truncated ({size} bytes, no safetensors header)"]
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            return [f"{p}: truncated (header claims {n} bytes, file has {size})"]
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return [f"{p}: corrupt safetensors header"]
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        return [f"{p}: truncated (tensors need {8 + n + end} bytes, file has {size})"]
-    return []
 
 
 # ----------------------------------------------------------------------------- launching
@@ -424,7 +140,7 @@ def _stale_error(st: StageStatus) -> StageError:
 def _check_resumable(cfg: RunConfig, st: StageStatus, force: bool) -> None:
     """Refuse to resume from a corrupt latest checkpoint; with ``force``, move the stage folder aside instead."""
     sd = StageDir.of(cfg.run_dir, st.stage)
-    _, ckpt = _latest_step(sd)
+    ckpt = sd.latest_checkpoint()
     problems = check_checkpoint(ckpt) if st.state == "partial" and ckpt is not None else []
     if not problems:
         return
@@ -490,8 +206,6 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
             )
         log.info("%-9s done in %.1fs -> %s", stage, time.time() - t0, after.path / "artifact")
     if target in ("all", "export") and cfg.export.dir:
-        from .export import publish  # torch-free helper
-
         publish(StageDir.of(cfg.run_dir, "export").artifact, Path(cfg.export.dir))
     log.info("%s: up to date (%.1fs)", target, time.time() - t_start)
     return 0
@@ -524,12 +238,21 @@ def _run_child(cmd: list[str], env: dict[str, str], stage: str) -> int:
 
 
 class _StageFailed(StageError):
+    """A stage process ended with exit code ``rc`` != 0; above 128 a signal stopped it (after a checkpoint when
+    it was SIGTERM/SIGINT: ``pipeline.training.Interrupted``), which needs no fix, only a new run."""
+
     def __init__(self, stage: str, rc: int, hint: str) -> None:
-        what = f"was stopped by signal {rc - 128} (exit code {rc})" if rc > 128 else f"failed with exit code {rc}"
-        super().__init__(
-            f"stage '{stage}' {what}{hint}. Earlier stages and its completed checkpoints are kept; "
-            f"{'fix the cause and ' if rc <= 128 else ''}run the same command again to resume."
-        )
+        if rc > 128:
+            msg = (
+                f"stage '{stage}' was interrupted by signal {rc - 128} (exit code {rc}){hint}; run the same command "
+                f"again to resume. Earlier stages and its completed checkpoints are kept."
+            )
+        else:
+            msg = (
+                f"stage '{stage}' failed with exit code {rc}{hint}. Earlier stages and its completed checkpoints are "
+                f"kept; fix the cause and run the same command again to resume."
+            )
+        super().__init__(msg)
         self.returncode = rc
 
 

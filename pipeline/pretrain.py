@@ -10,14 +10,14 @@ nanoGPT's recipe, made resumable and distributed:
 - bf16 autocast on GPUs that support it, optional ``torch.compile``;
 - the loss is copied to the host only every ``log_interval`` steps (no per-step sync): a NaN/inf is detected
   there and stops the stage before the next checkpoint, so the last good checkpoint stays;
-- SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
+- SIGTERM/SIGINT set a flag (``pipeline.training.StopSignal``); the loop saves a checkpoint at the next step
+  boundary and raises ``pipeline.training.Interrupted``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -28,8 +28,9 @@ import torch
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
 from .config import ModelConfig, PretrainConfig
 from .runs import StageDir, StageError
+from .training import Interrupted, StopSignal
 
-__all__ = ["lr_at", "resolve_model_config", "PretrainResult", "Interrupted", "train", "StopFlag", "peak_flops_for"]
+__all__ = ["lr_at", "resolve_model_config", "PretrainResult", "train", "peak_flops_for"]
 
 log = logging.getLogger(__name__)
 
@@ -65,38 +66,6 @@ def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int, seq_len: int) -
     if problems:
         raise StageError("; ".join(problems))
     return replace(cfg, vocab_size=vocab)
-
-
-class Interrupted(Exception):
-    """Raised after a checkpoint was saved because SIGTERM/SIGINT arrived."""
-
-    def __init__(self, step: int, signum: int) -> None:
-        super().__init__(f"stopped by signal {signum} at step {step}; checkpoint saved, run again to resume")
-        self.step = step
-        self.signum = signum
-
-
-class StopFlag:
-    """Catches SIGTERM/SIGINT for the duration of a ``with`` block; the loop polls ``.signum``."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def __enter__(self) -> StopFlag:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handler)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 @dataclass
@@ -164,7 +133,8 @@ def train(
         Final metrics (``train_loss``, ``val_loss``, ``tokens``, ``tokens_per_s``, ``mfu`` when known) and samples.
 
     Raises:
-        StageError: non-finite loss (naming the steps); Interrupted: a signal stopped the run after a checkpoint.
+        StageError: non-finite loss (naming the steps).
+        Interrupted: a stop signal reached a process; a checkpoint was saved first.
     """
     device_type = accelerator.device.type
     flops_per_token = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 0.0
@@ -200,7 +170,7 @@ def train(
     samples: list[dict[str, str]] = []
 
     model.train()
-    with StopFlag() as stop:
+    with StopSignal() as stop:
         while st.step < cfg.max_steps:
             t0 = time.time()
             lr = lr_at(st.step, cfg)
@@ -266,12 +236,12 @@ def train(
                 _log(accelerator, stage_dir, tb, rec)
                 bar.write(f"step {st.step}: val loss {st.last_val_loss:.4f}")
 
-            stop_now = _any_process(accelerator, stop.signum)
-            if st.step % cfg.ckpt_interval == 0 or last or stop_now:
+            signum = stop.any_process(accelerator)
+            if st.step % cfg.ckpt_interval == 0 or last or signum:
                 checkpoint()
-            if stop_now:
+            if signum:
                 bar.close()
-                raise Interrupted(st.step, stop.signum or signal.SIGTERM)
+                raise Interrupted("pretrain", st.step, signum, stage_dir.checkpoints)
     bar.close()
     if tb is not None:
         tb.close()
@@ -288,14 +258,6 @@ def train(
     if peak_flops and flops_per_token:
         metrics["mfu"] = metrics["tokens_per_s"] * flops_per_token / peak_flops
     return PretrainResult(metrics=metrics, samples=samples, prior_wall_time_s=prior_wall)
-
-
-def _any_process(accelerator: Any, signum: int) -> bool:
-    """True when a stop signal reached any process (one tiny all-reduce, only when distributed)."""
-    if accelerator.num_processes == 1:
-        return bool(signum)
-    flag = torch.tensor([1.0 if signum else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def _fill_deepspeed_auto(accelerator: Any, cfg: PretrainConfig) -> None:

@@ -15,72 +15,23 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .agreement import format_best_of_k, format_markdown, format_pairs, markdown_cell
-from .config import RunConfig
-from .orchestrate import KEY_METRICS, format_value, run_status
-from .runs import STAGES, StageDir
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .analysis.agreement import format_markdown, format_pairs, markdown_cell
+from .analysis.best_of_k import format_best_of_k
+from .config import ReportConfig, RunConfig
+from .data.tasks import generate_tasks
+from .lm import generate_responses
+from .plots import PLOTS, plot_stage
+from .runs import KEY_METRICS, STAGES, StageDir
+from .status import format_value, run_status
 
 __all__ = ["PLOTS", "write_report", "plot_stage", "sample_answers"]
 
 log = logging.getLogger(__name__)
 
-PLOTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
-    "pretrain": [("loss", ("train/loss", "val/loss"))],
-    "sft": [("loss", ("train/loss", "val/loss")), ("held-out answer accuracy", ("sft/checker_accuracy",))],
-    "reward": [("loss", ("train/loss", "val/loss")), ("pair accuracy", ("train/accuracy", "rm/accuracy"))],
-    "ppo": [
-        ("reward", ("ppo/reward", "eval/reward_mean", "eval/sft_reward_mean")),
-        ("KL to reference", ("ppo/kl", "eval/kl")),
-        ("entropy", ("ppo/entropy",)),
-        ("response length", ("ppo/response_length",)),
-    ],
-}
-"""Stage -> panels (title, metrics.jsonl keys drawn on it)."""
 _THROUGHPUT = ("tokens_per_s", "rollout_tokens_per_s", "prompts_per_s", "samples_per_s")
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_stage(stage: str, records: list[dict[str, Any]], path: Path, manifest: dict[str, Any] | None = None) -> bool:
-    """Draw ``stage``'s panels from its metrics.jsonl records into ``path``; False when there is nothing to draw."""
-    panels = [(t, [(k, [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]) for k in keys])
-              for t, keys in PLOTS.get(stage, [])]  # fmt: skip
-    panels = [(t, [(k, pts) for k, pts in series if pts]) for t, series in panels]
-    panels = [p for p in panels if p[1]]
-    rewards = (manifest or {}).get("eval_rewards") or {}
-    has_hist = stage == "reward" and rewards.get("chosen") and rewards.get("rejected")
-    n = len(panels) + bool(has_hist)
-    if n == 0:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)
-    for ax, (title, series) in zip(axes[0], panels):
-        for key, pts in series:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o" if len(pts) < 12 else None, ms=3, label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    if has_hist:
-        ax = axes[0][-1]
-        ax.hist(rewards["chosen"], bins=30, alpha=0.6, label="chosen (better)")
-        ax.hist(rewards["rejected"], bins=30, alpha=0.6, label="rejected (worse)")
-        ax.set_title("held-out rewards")
-        ax.set_xlabel("reward")
-        ax.legend(fontsize=7)
-    fig.suptitle(stage)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return True
 
 
 def _held_out_prompts(cfg: RunConfig, manifests: dict[str, dict[str, Any]], n: int) -> list[str]:
@@ -90,8 +41,6 @@ def _held_out_prompts(cfg: RunConfig, manifests: dict[str, dict[str, Any]], n: i
         ]
         if prompts:
             return prompts[:n]
-    from .data.tasks import generate_tasks
-
     return [r["prompt"] for r in generate_tasks(cfg.data.tasks).ppo_eval[:n]]
 
 
@@ -103,11 +52,6 @@ def sample_answers(
     Returns:
         ``{"prompts": [...], "answers": {stage: [...]}}``.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .evaluate import generate_responses
-
     prompts = _held_out_prompts(cfg, manifests, n)
     answers = {}
     for stage in ("pretrain", "sft", "ppo"):
@@ -133,37 +77,41 @@ def _throughput(manifest: dict[str, Any]) -> str:
     return f"{steps / wall:.3g} steps/s" if isinstance(steps, (int, float)) and wall else "-"
 
 
-QUALITY_BAR = {"wall_time_s": 900.0, "reward_pair_accuracy": 0.85, "ppo_accuracy_gain": 0.05}
-"""The default run's quality bar: whole run <= 15 min, held-out pair accuracy >= 0.85, PPO checker accuracy
-at least 5 points above the SFT model's (with SFT above the pretrained model, reward up, KL within target)."""
-
-
 def _mark(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
-def quality_lines(manifests: dict[str, dict[str, Any]], total_wall_s: float) -> list[str]:
-    """The quality-bar checklist and the reward-model-vs-checker section; empty when no stage has a checker."""
+def quality_lines(
+    manifests: dict[str, dict[str, Any]], total_wall_s: float, bar: ReportConfig | None = None
+) -> list[str]:
+    """The quality-bar checklist and the reward-model-vs-checker section; empty when no stage has a checker.
+
+    The bar's thresholds are ``bar`` (the ``report:`` config section; None: its defaults): whole run time,
+    held-out pair accuracy, PPO's checker-accuracy gain over SFT; besides, SFT above the pretrained model,
+    reward up and KL within ``ppo.kl_target``.
+    """
     sft = manifests.get("sft", {}).get("metrics", {})
     rw = manifests.get("reward", {}).get("metrics", {})
     ppo_manifest = manifests.get("ppo", {})
     ppo = ppo_manifest.get("metrics", {})
     if sft.get("checker_accuracy") is None and ppo.get("checker_accuracy") is None:
         return []
-    bar = QUALITY_BAR
+    bar = bar or ReportConfig()
     rows = []
     if all(s in manifests for s in STAGES):
-        rows.append(("whole run <= 15 min", f"{total_wall_s:.0f} s", total_wall_s <= bar["wall_time_s"]))
+        rows.append((f"whole run <= {bar.max_wall_time_s / 60:g} min", f"{total_wall_s:.0f} s",
+                     total_wall_s <= bar.max_wall_time_s))  # fmt: skip
     if sft.get("checker_accuracy") is not None and sft.get("pretrain_checker_accuracy") is not None:
         a, b = sft["checker_accuracy"], sft["pretrain_checker_accuracy"]
         rows.append(("SFT: checker accuracy above the pretrained model's", f"{b:.3f} -> {a:.3f}", a > b))
     if rw.get("pair_accuracy") is not None:
-        rows.append(("reward: held-out pair accuracy >= 0.85", f"{rw['pair_accuracy']:.3f}",
-                     rw["pair_accuracy"] >= bar["reward_pair_accuracy"]))  # fmt: skip
+        rows.append((f"reward: held-out pair accuracy >= {bar.min_reward_pair_accuracy:g}", f"{rw['pair_accuracy']:.3f}",
+                     rw["pair_accuracy"] >= bar.min_reward_pair_accuracy))  # fmt: skip
     if ppo.get("checker_accuracy") is not None and ppo.get("sft_checker_accuracy") is not None:
         a, b = ppo["checker_accuracy"], ppo["sft_checker_accuracy"]
-        rows.append(("PPO: checker accuracy >= SFT's + 5 points", f"{b:.3f} -> {a:.3f} ({(a - b) * 100:+.1f})",
-                     a - b >= bar["ppo_accuracy_gain"] - 1e-9))  # fmt: skip
+        rows.append((f"PPO: checker accuracy >= SFT's + {bar.min_ppo_accuracy_gain * 100:g} points",
+                     f"{b:.3f} -> {a:.3f} ({(a - b) * 100:+.1f})",
+                     a - b >= bar.min_ppo_accuracy_gain - 1e-9))  # fmt: skip
     if ppo.get("reward_mean") is not None and ppo.get("sft_reward_mean") is not None:
         rows.append(("PPO: mean held-out reward up", f"{ppo['sft_reward_mean']:.3f} -> {ppo['reward_mean']:.3f}",
                      ppo["reward_mean"] > ppo["sft_reward_mean"]))  # fmt: skip
@@ -239,7 +187,7 @@ def write_report(cfg: RunConfig, samples: bool = True, n_samples: int = 5) -> Pa
                 f"| {markdown_cell(p)} | " + " | ".join(markdown_cell(got["answers"][s][i]) for s in stages) + " |"
             )
         lines.append("")
-    lines += quality_lines(manifests, total)
+    lines += quality_lines(manifests, total, cfg.report)
     if "export" in manifests:
         exp = manifests["export"]
         checks = ", ".join(

@@ -7,41 +7,105 @@
       metrics.jsonl, tb/         metrics as they happen
 
 A stage is *done* when its manifest fingerprint matches, *stale* when a manifest exists with another
-fingerprint, *partial* when checkpoints exist without a manifest, *missing* otherwise.
+fingerprint (or a partial run was started with another one), *partial* when checkpoints exist without a
+manifest, *missing* otherwise.
+
+Checkpoints: ``StageDir`` alone names, finds, ranks and removes them. Two kinds live in ``checkpoints/``:
+
+- ``step_000400/``: our own loops (pretrain, PPO), written as ``step_000400.tmp/`` and renamed once complete
+  (:meth:`StageDir.writing_checkpoint`); the step is zero-padded to 6 digits;
+- ``checkpoint-400/``: a Hugging Face ``Trainer``'s (SFT, reward), which names and writes them itself, in place.
+  Mapping: ``checkpoint-N`` is step N, like ``step_N``; it counts as complete once ``CheckpointMarker``
+  (``pipeline.training``) has written the ``COMPLETE`` marker into it and the Trainer's ``trainer_state.json``
+  is there.
+
+Either kind is complete only with the ``COMPLETE`` marker; anything else there (a ``.tmp`` folder, an unmarked
+``checkpoint-N``) is incomplete: never resumed from, removed by :meth:`StageDir.remove_incomplete_checkpoints`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import shutil
-import subprocess
+import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from .provenance import git_revision, package_versions
+
 __all__ = [
     "STAGES",
+    "KEY_METRICS",
+    "CHECKPOINT_MARKER",
+    "Checkpoint",
     "StageError",
+    "Interrupted",
+    "signal_name",
     "StageDir",
+    "hf_checkpoint_dir",
     "atomic_write_text",
     "atomic_write_json",
-    "package_versions",
-    "git_revision",
 ]
 
+log = logging.getLogger(__name__)
+
 STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "export")
-_CKPT_RE = re.compile(r"^step_(\d{6,})$")
+KEY_METRICS: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("vocab_size",),
+    "pretrain": ("train_loss", "val_loss", "tokens", "tokens_per_s"),
+    "sft": ("train_loss", "val_loss", "checker_accuracy"),
+    "reward": ("pair_accuracy",),
+    "ppo": ("reward_mean", "sft_reward_mean", "kl", "checker_accuracy"),
+    "export": ("max_abs_logit_diff", "n_params"),
+}
+"""The metrics each stage's manifest reports under fixed names (DESIGN.md), for tools: status, report, model card."""
+CHECKPOINT_MARKER = "COMPLETE"
+"""File written into a checkpoint folder once it is complete."""
+TRAINER_STATE = "trainer_state.json"
+"""The loop state in a checkpoint: ours (``pipeline.checkpoint``) and the HF Trainer's share the name."""
+_STEP_RE = re.compile(r"^step_(\d{6,})(\.tmp)?$")
+_HF_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class StageError(RuntimeError):
     """A stage cannot run as asked (stale, missing input, corrupt checkpoint...); the message says why."""
+
+
+class Interrupted(Exception):
+    """A stop signal ended training early; a checkpoint was saved first.
+
+    ``run_stage`` prints ``interrupted: <message>`` to stderr, e.g. ``interrupted: sft stopped by SIGTERM at step
+    40; a checkpoint was saved in runs/tiny/sft/checkpoints. Run the same command again to resume.``, and exits
+    with :attr:`exit_code` (128 + the signal number, as a shell reports a process killed by that signal), so
+    the orchestrator knows the stage can resume.
+    """
+
+    def __init__(self, stage: str, step: int, signum: int, checkpoint_dir: Path | str) -> None:
+        super().__init__(
+            f"{stage} stopped by {signal_name(signum)} at step {step}; a checkpoint was saved in "
+            f"{checkpoint_dir}. Run the same command again to resume."
+        )
+        self.stage = stage
+        self.step = step
+        self.signum = signum
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.exit_code = 128 + signum
+
+
+def signal_name(signum: int) -> str:
+    """``"SIGTERM"`` for 15; ``"signal N"`` for a number that names no signal."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -60,33 +124,31 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in ("torch", "transformers", "accelerate", "trl", "datasets", "tokenizers", "tiktoken", "deepspeed"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint folder found in ``checkpoints/``."""
+
+    step: int
+    path: Path
+    kind: str
+    """``step`` (ours: ``step_000400``) or ``hf`` (a Trainer's ``checkpoint-400``)."""
+    complete: bool
 
 
-def git_revision() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        rev = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5, check=False
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=here,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout.strip()
-        return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def hf_checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The folder a Hugging Face ``Trainer`` with ``output_dir`` saves step ``step`` into."""
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def _read_checkpoint(p: Path) -> Checkpoint | None:
+    if not p.is_dir():
+        return None
+    marked = (p / CHECKPOINT_MARKER).is_file()
+    if m := _STEP_RE.match(p.name):
+        return Checkpoint(int(m.group(1)), p, "step", marked and not m.group(2))
+    if m := _HF_RE.match(p.name):
+        return Checkpoint(int(m.group(1)), p, "hf", marked and (p / TRAINER_STATE).is_file())
+    return None
 
 
 @dataclass(frozen=True)
@@ -140,12 +202,15 @@ class StageDir:
             raise StageError(f"{self.manifest_path}: unreadable manifest ({e}); move the stage folder aside") from None
 
     def state(self, fingerprint: str) -> str:
-        """'done', 'stale', 'partial' or 'missing' for a stage that would run with ``fingerprint``."""
+        """'done', 'stale', 'partial' or 'missing' for a stage that would run with ``fingerprint``.
+
+        A partial run started with another fingerprint is stale: resuming it would mix two configs.
+        """
         m = self.manifest()
         if m is not None:
             return "done" if m.get("fingerprint") == fingerprint else "stale"
         if self.latest_checkpoint() is not None or self.fingerprint_path.exists():
-            return "partial"
+            return "partial" if self.started_fingerprint() in (None, fingerprint) else "stale"
         return "missing"
 
     def started_fingerprint(self) -> str | None:
@@ -160,8 +225,6 @@ class StageDir:
         folder is moved aside, never deleted); partial with another fingerprint -> the same.
         """
         state = self.state(fingerprint)
-        if state == "partial" and self.started_fingerprint() not in (None, fingerprint):
-            state = "stale"
         if state == "stale":
             if not force:
                 raise StageError(
@@ -169,9 +232,8 @@ class StageDir:
                     f"(fingerprint {self._found_fingerprint()} != {fingerprint}). Nothing was changed. "
                     f"Use FORCE=1 (--force) to move the old folder aside and start again, or choose another run.name."
                 )
-            moved = self.move_aside()
+            self.move_aside()
             state = "missing"
-            del moved
         if state == "done":
             return state
         self.root.mkdir(parents=True, exist_ok=True)
@@ -222,20 +284,52 @@ class StageDir:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def list_checkpoints(self) -> list[tuple[int, Path]]:
-        """Complete checkpoints (``.tmp`` folders from interrupted writes are ignored), oldest first."""
+    def find_checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint folder of either kind, complete or not, oldest first (see the module docstring)."""
         if not self.checkpoints.is_dir():
             return []
-        found = []
-        for p in self.checkpoints.iterdir():
-            m = _CKPT_RE.match(p.name)
-            if m and p.is_dir() and (p / "COMPLETE").exists():
-                found.append((int(m.group(1)), p))
-        return sorted(found)
+        found = [c for p in self.checkpoints.iterdir() if (c := _read_checkpoint(p)) is not None]
+        return sorted(found, key=lambda c: (c.step, c.kind, c.path.name))
+
+    def list_checkpoints(self) -> list[tuple[int, Path]]:
+        """Complete checkpoints as (step, folder), oldest first."""
+        return [(c.step, c.path) for c in self.find_checkpoints() if c.complete]
+
+    def latest_complete(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None."""
+        done = [c for c in self.find_checkpoints() if c.complete]
+        return done[-1] if done else None
 
     def latest_checkpoint(self) -> Path | None:
-        ckpts = self.list_checkpoints()
-        return ckpts[-1][1] if ckpts else None
+        """The folder of the newest complete checkpoint, or None."""
+        ckpt = self.latest_complete()
+        return ckpt.path if ckpt else None
+
+    def remove_incomplete_checkpoints(self) -> list[Path]:
+        """Delete incomplete checkpoint folders (writes cut off by a kill); returns them. Main process only."""
+        removed = []
+        for c in self.find_checkpoints():
+            if not c.complete:
+                shutil.rmtree(c.path, ignore_errors=True)
+                removed.append(c.path)
+        if removed:
+            log.warning("removed %d incomplete checkpoint(s): %s", len(removed), ", ".join(p.name for p in removed))
+        return removed
+
+    def progress(self) -> tuple[int | None, int | None]:
+        """(step, total steps) of the newest complete checkpoint, for a partial stage's status line.
+
+        The step is None without a complete checkpoint; the total is the ``max_steps`` its
+        ``trainer_state.json`` records (the HF Trainer's does), else None.
+        """
+        ckpt = self.latest_complete()
+        if ckpt is None:
+            return None, None
+        try:
+            total = json.loads((ckpt.path / TRAINER_STATE).read_text()).get("max_steps")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            total = None
+        return ckpt.step, total if isinstance(total, int) and total > 0 else None
 
     @contextmanager
     def writing_checkpoint(self, step: int, keep: int) -> Iterator[Path]:
@@ -256,7 +350,7 @@ class StageDir:
     def checkpoint_tmp(self, step: int) -> Path:
         """A fresh temporary folder for checkpoint ``step`` (a leftover one from a crash is cleared)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoints / f"step_{step:06d}.tmp"
+        tmp = self.checkpoint_path(step).with_suffix(".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -264,15 +358,20 @@ class StageDir:
 
     def publish_checkpoint(self, tmp: Path, step: int, keep: int) -> Path:
         """Fsync ``tmp``, mark it complete, rename it to ``step_NNNNNN`` and keep only the newest ``keep``."""
-        final = self.checkpoints / f"step_{step:06d}"
+        final = self.checkpoint_path(step)
         _fsync_tree(tmp)
-        (tmp / "COMPLETE").write_text(f"{time.time()}\n")
+        (tmp / CHECKPOINT_MARKER).write_text(f"{time.time()}\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for _, old in self.list_checkpoints()[:-keep] if keep > 0 else []:
+        ours = [c.path for c in self.find_checkpoints() if c.complete and c.kind == "step"]
+        for old in ours[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def checkpoint_path(self, step: int) -> Path:
+        """Where our own loops' checkpoint of ``step`` goes: ``checkpoints/step_000400``."""
+        return self.checkpoints / f"step_{step:06d}"
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -321,6 +420,3 @@ def require_done(stage_dir: StageDir, what: str) -> dict[str, Any]:
             f"(no manifest at {stage_dir.manifest_path}). Run `make {stage_dir.stage}` first, or name a model with init_from."
         )
     return m
-
-
-WriteFn = Callable[[Path], None]

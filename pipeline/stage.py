@@ -6,13 +6,15 @@ run the body, write the manifest last.
 
 Command line of every stage: ``python -m stages.<stage> --config run.yaml [--force] [section.key=value ...]``
 (under ``accelerate launch`` for the training stages).
+
+Exit codes: 0 done (or already done); 2 a config error or a ``StageError`` (the message says why);
+128+N when signal N interrupted training (``pipeline.runs.Interrupted``, raised after a checkpoint was saved).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,16 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, load_config, to_dict, to_yaml
+from .launch import configure_process, is_main_process
 from .lineage import all_fingerprints, stage_inputs
-from .runs import StageDir, StageError, require_done
+from .runs import Interrupted, StageDir, StageError, require_done
 
-__all__ = ["StageContext", "StageResult", "run_stage", "is_main_process", "setup_logging", "use_cpu_when_no_gpu"]
+__all__ = ["StageContext", "StageResult", "run_stage", "is_main_process", "setup_logging"]
 
 log = logging.getLogger("pipeline")
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup_logging() -> None:
@@ -80,32 +79,10 @@ def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def use_cpu_when_no_gpu() -> None:
-    """Without CUDA, make accelerate (and the Trainers built on it) use the gloo backend on CPU.
-
-    accelerate only picks its multi-process CPU mode when told ``cpu=True``, and the launcher writes
-    ``ACCELERATE_USE_CPU=false`` from the config files (shared with GPU machines), so DDP on CPU needs the
-    override. Under DeepSpeed that override would silently drop DeepSpeed; there, initialising the process
-    state with the gloo backend gives DeepSpeed a real process group (without it every process believes it
-    is alone: world size 1, all of them "main").
-    """
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        if int(os.environ.get("LOCAL_RANK", -1)) != -1:
-            from accelerate import PartialState
-
-            PartialState(backend="gloo")
-    else:
-        os.environ["ACCELERATE_USE_CPU"] = "true"
-
-
 def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext], StageResult]) -> int:
     """Run ``body`` as stage ``stage`` under the run-folder contract; returns a process exit code."""
     setup_logging()
-    use_cpu_when_no_gpu()
+    configure_process()
     args = parse_args(stage, argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -151,3 +128,6 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
     except (ConfigError, StageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return e.exit_code

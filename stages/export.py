@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.export import export_model, publish, verify_export
+from pipeline.export import export_model
+from pipeline.export_verify import verify_export
+from pipeline.publish import publish
 from pipeline.runs import STAGES, StageDir, StageError
 from pipeline.stage import StageContext, StageResult, run_stage
 

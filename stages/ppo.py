@@ -7,7 +7,7 @@ Reads runs/<run>/sft/artifact (or ``ppo.policy_from``) and runs/<run>/reward/art
 writes runs/<run>/ppo/artifact (the aligned causal LM + tokenizer + generation_config), metrics.jsonl,
 curves.png, eval_answers.jsonl (greedy SFT and PPO answers to the held-out prompts with their reward-model
 scores; the manifest's ``rm_vs_checker`` compares those scores with the task checker, see
-``pipeline/agreement.py``) and checkpoints/step_N (policy and value model, or the policy alone under ``ppo.advantage=group``; optimizer, scheduler, RNGs, KL controller, prompt cursor).
+``pipeline/analysis/agreement.py``) and checkpoints/step_N (policy and value model, or the policy alone under ``ppo.advantage=group``; optimizer, scheduler, RNGs, KL controller, prompt cursor).
 A killed run started again resumes from the newest complete checkpoint; a finished one does nothing.
 """
 
@@ -16,28 +16,27 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 from accelerate.utils import set_seed
 
-from pipeline.agreement import best_of_k_reading, rm_vs_checker, visible_gain
+from pipeline.analysis.best_of_k import best_of_k_reading, visible_gain
+from pipeline.analysis.diagnostics import ppo_diagnostics
 from pipeline.data.prompts import load_prompts
 from pipeline.data.tasks import write_jsonl
-from pipeline.hf_trainer import context_length
+from pipeline.lm import context_length
+from pipeline.plots import plot_stage
+from pipeline.reward import CheckerScorer, RewardScorer
 from pipeline.rl.components import (
-    CheckerReward,
-    evaluate_held_out,
-    implicit_score_fn,
     load_models,
     load_reward_stats,
-    make_accelerator,
-    plot_curves,
     render_prompts,
     save_policy,
 )
-from pipeline.rl.trainer import PPOInterrupted, PPOTrainer, frozen_placement
+from pipeline.rl.evaluation import evaluate_held_out
+from pipeline.rl.trainer import PPOTrainer
 from pipeline.runs import StageError
 from pipeline.stage import StageContext, StageResult, run_stage
+from pipeline.training import make_accelerator
 
 log = logging.getLogger("stages.ppo")
 
@@ -81,18 +80,14 @@ def _body(ctx: StageContext) -> StageResult:
 
     if cfg.reward == "model" and accelerator.is_main_process:
         _warn_if_no_visible_gain(reward_from)
-    score_fn: Any = None  # replaces the classifier reward model when set
+    scorer: RewardScorer = m.scorer
     if cfg.reward == "checker":  # the oracle ablation: PPO against the task checker instead of the reward model
-        score_fn = CheckerReward(m.tokenizer, train_ids + held_ids, data.train + held)
-    elif getattr(m.reward_model, "is_implicit_reward", False):  # reward.objective=dpo: scored through LM heads
-        if cfg.reward_norm == "standardize":
-            raise StageError(
-                f"ppo.reward_norm=standardize: the reward model at {reward_from} is an implicit (DPO) reward model, "
-                "whose rewards PPO uses as they are; set ppo.reward_norm=center (a constant shift, which group "
-                "advantages cancel) or none, or scale it with reward.dpo_beta"
-            )
-        score_fn = implicit_score_fn(
-            m.reward_model.to(*frozen_placement(cfg, accelerator.device)), m.stop_ids, m.pad_id
+        scorer = CheckerScorer(m.tokenizer, train_ids + held_ids, data.train + held)
+    elif not scorer.normalised and cfg.reward_norm == "standardize":
+        raise StageError(
+            f"ppo.reward_norm=standardize: the reward model at {reward_from} is a {scorer.kind} reward model, "
+            "whose rewards PPO uses as they are; set ppo.reward_norm=center (a constant shift, which group "
+            "advantages cancel) or none, or scale it with reward.dpo_beta"
         )
     trainer = PPOTrainer(
         cfg,
@@ -100,11 +95,10 @@ def _body(ctx: StageContext) -> StageResult:
         m.policy,
         m.value_model,
         m.ref_model,
-        None if score_fn is not None else m.reward_model,
+        scorer,
         m.stop_ids,
         m.pad_id,
         reward_stats=load_reward_stats(reward_from),
-        score_fn=score_fn,
         seed=seed,
     )
 
@@ -112,24 +106,18 @@ def _body(ctx: StageContext) -> StageResult:
         metrics, _ = evaluate_held_out(trainer, m.tokenizer, held, held_ids)
         return {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
 
-    try:
-        trainer.fit(train_ids, ctx.dir, resume=ctx.state == "partial", on_eval=on_eval)
-    except PPOInterrupted as e:
-        log.warning("ppo: %s", e)
-        raise SystemExit(128 + e.signum) from None
+    trainer.fit(train_ids, ctx.dir, resume=ctx.state == "partial", on_eval=on_eval)  # Interrupted on a signal
 
     final, answers = evaluate_held_out(trainer, m.tokenizer, held, held_ids)
     save_policy(trainer, m.tokenizer, m.stop_ids, m.pad_id, ctx.dir.artifact)
     # with ppo.reward=checker the scores are the checker's own: nothing to compare
-    agreement = rm_vs_checker(answers, final.get("kl"), cfg.kl_target) if cfg.reward != "checker" else None
+    agreement = ppo_diagnostics(answers, final.get("kl"), cfg.kl_target) if cfg.reward != "checker" else None
     if accelerator.is_main_process:
         ctx.dir.append_metrics({"step": trainer.step, **{f"eval/{k}": v for k, v in final.items() if v is not None}})
         write_jsonl(answers, ctx.dir.root / "eval_answers.jsonl")
-        if agreement is not None:
-            log.info("ppo: %s", agreement["verdict"])
     history = ctx.dir.read_metrics()
     if accelerator.is_main_process:
-        plot_curves(history, ctx.dir.root / "curves.png")
+        plot_stage("ppo", history, ctx.dir.root / "curves.png")
     last = next((r for r in reversed(history) if "ppo/reward" in r), {})
     metrics = {
         **final,

@@ -16,16 +16,17 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.data.shards import TokenShards
-from pipeline.model import GPT, from_hf, save_hf
-from pipeline.pretrain import Interrupted, PretrainResult, peak_flops_for, resolve_model_config, train
+from pipeline.gpt2_weights import from_hf, save_hf
+from pipeline.model import GPT
+from pipeline.pretrain import PretrainResult, peak_flops_for, resolve_model_config, train
 from pipeline.stage import StageContext, StageResult, run_stage
 from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from pipeline.training import make_accelerator
 
 log = logging.getLogger("stages.pretrain")
 
 
 def _accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     use_bf16 = cfg.pretrain.dtype == "bfloat16" or (
@@ -33,7 +34,9 @@ def _accelerator(cfg: RunConfig):
     )
     if cfg.pretrain.num_threads:
         torch.set_num_threads(cfg.pretrain.num_threads)
-    acc = Accelerator(gradient_accumulation_steps=cfg.pretrain.grad_accum, mixed_precision="bf16" if use_bf16 else "no")
+    acc = make_accelerator(
+        gradient_accumulation_steps=cfg.pretrain.grad_accum, mixed_precision="bf16" if use_bf16 else "no"
+    )
     set_seed(cfg.run.seed)  # same init weights on every process
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -68,24 +71,20 @@ def _body(ctx: StageContext) -> StageResult:
         out = m.generate(idx, n_new, temperature=0.8, top_k=50, eos_token_id=eot, generator=g)
         return tokenizer.decode(out[0].tolist())
 
-    try:
-        result: PretrainResult = train(
-            acc,
-            model,
-            train_data,
-            val_data,
-            cfg.pretrain,
-            seq_len,
-            cfg.run.seed,
-            ctx.dir,
-            resume=ctx.state == "partial",
-            sample_fn=sample,
-            peak_flops=peak_flops_for(acc.device, use_bf16),
-            progress=os.environ.get("PIPELINE_PROGRESS", "1") != "0",
-        )
-    except Interrupted as e:
-        log.warning("%s", e)
-        raise SystemExit(128 + e.signum) from None
+    result: PretrainResult = train(
+        acc,
+        model,
+        train_data,
+        val_data,
+        cfg.pretrain,
+        seq_len,
+        cfg.run.seed,
+        ctx.dir,
+        resume=ctx.state == "partial",
+        sample_fn=sample,
+        peak_flops=peak_flops_for(acc.device, use_bf16),
+        progress=os.environ.get("PIPELINE_PROGRESS", "1") != "0",
+    )  # a stop signal raises pipeline.training.Interrupted (after a checkpoint): run_stage exits 128+signal
 
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model)

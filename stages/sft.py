@@ -15,22 +15,21 @@ import logging
 
 from transformers import set_seed
 
-from pipeline.data.chat import load_sft_data
-from pipeline.evaluate import has_checker
-from pipeline.hf_trainer import checkpoint_step, latest_complete_checkpoint, remove_incomplete_checkpoints
+from pipeline.analysis.checker import has_checker
+from pipeline.data.conversations import load_sft_data
 from pipeline.runs import StageError
 from pipeline.sft import build_trainer as _build_trainer
 from pipeline.sft import (
-    evaluate_answers,
     final_evaluation,
-    held_out_records,
     load_model_and_tokenizer,
     resolve_max_length,
     run_training,
     save_artifact,
-    tokenize_examples,
 )
-from pipeline.stage import StageContext, StageResult, is_main_process, run_stage
+from pipeline.sft_data import tokenize_examples
+from pipeline.sft_eval import evaluate_answers, held_out_records
+from pipeline.stage import StageContext, StageResult, run_stage
+from pipeline.training import resume_point
 
 log = logging.getLogger("stages.sft")
 
@@ -47,26 +46,16 @@ def _body(ctx: StageContext) -> StageResult:
     except (ValueError, FileNotFoundError) as e:  # BadRecord is a ValueError naming file, line and field
         raise StageError(f"sft.dataset: {e}") from None
     train, train_stats = tokenize_examples(tok, data.train, max_length, cfg.too_long, cfg.assistant_only_loss)
-    val, val_stats = tokenize_examples(tok, data.eval, max_length, cfg.too_long, cfg.assistant_only_loss)
+    val, val_stats = tokenize_examples(tok, data.held_out, max_length, cfg.too_long, cfg.assistant_only_loss)
     if not train:
         raise StageError(f"sft: no training example fits sft.max_length={max_length} (too_long={cfg.too_long})")
-    held = held_out_records(data.eval, cfg.n_eval_prompts)
+    held = held_out_records(data.held_out, cfg.n_eval_prompts)
     before = evaluate_answers(model, tok, held, cfg)
     log.info("sft: input model checker accuracy on %d held-out prompts: %s", len(held), before.accuracy)
 
-    resume = None
-    if ctx.state == "partial":
-        if is_main_process():
-            remove_incomplete_checkpoints(ctx.dir.checkpoints)
-        resume = latest_complete_checkpoint(ctx.dir.checkpoints)
-        log.info("sft: resuming from %s", resume or "the start (no complete checkpoint)")
-        if is_main_process():  # metrics logged after that checkpoint will be logged again
-            ctx.dir.truncate_metrics_after(checkpoint_step(resume) if resume else 0)
+    resume = resume_point(ctx.dir, ctx.state)
     trainer = _build_trainer(model, tok, train, val, cfg, ctx.dir, seed, held, max_length)
-    out = run_training(trainer, resume)
-    if trainer.stopper.signum is not None:  # checkpoint saved; the next run resumes from it
-        log.warning("sft: stopped by signal %d at step %d", trainer.stopper.signum, trainer.state.global_step)
-        raise SystemExit(128 + trainer.stopper.signum)
+    out = run_training(trainer, resume)  # a stop signal raises Interrupted after a checkpoint
     final = final_evaluation(trainer, bool(val))
     after = (
         trainer.checker.last if trainer.checker.last is not None else evaluate_answers(trainer.model, tok, held, cfg)

@@ -1,8 +1,9 @@
-"""Reward model vs checker on held-out answers (pipeline.agreement): per-task table, transitions, verdict."""
+"""Reward model vs checker on held-out answers (pipeline.analysis.agreement): per-task table, transitions, verdict;
+best-of-k (pipeline.analysis.best_of_k)."""
 
 from __future__ import annotations
 
-from pipeline.agreement import format_markdown, rm_vs_checker
+from pipeline.analysis.agreement import format_markdown, rm_vs_checker
 
 
 def _a(task, answer, sft, sft_score, policy, policy_score, prompt="q"):
@@ -85,7 +86,7 @@ def test_report_quality_bar_marks_each_check():
 
 
 def test_reward_pair_accuracy_by_task_and_kind_of_pair():
-    from pipeline.agreement import format_pairs, pair_accuracy_by_kind
+    from pipeline.analysis.agreement import format_pairs, pair_accuracy_by_kind
     from pipeline.data.preferences import PreferenceGroup
     from pipeline.data.tasks import response_class
 
@@ -114,7 +115,7 @@ def test_reward_pair_accuracy_by_task_and_kind_of_pair():
 def test_best_of_k_counts_what_the_reward_model_picks():
     import pytest
 
-    from pipeline.agreement import best_of_k, format_best_of_k
+    from pipeline.analysis.best_of_k import best_of_k, format_best_of_k
 
     records = [
         {"prompt": "What is 2 + 2?", "task": "add", "answer": "4"},

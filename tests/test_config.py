@@ -7,7 +7,8 @@ import pytest
 from pipeline.config import ConfigError, RunConfig, fingerprint, load_config, to_dict, to_yaml
 from pipeline.lineage import all_fingerprints
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -88,6 +89,29 @@ def test_fingerprints_follow_lineage():
     ext = all_fingerprints(load_config(None, ["sft.init_from=gpt2", "model.n_layer=2"]))
     assert ext["pretrain"] != base["pretrain"]
     assert ext["sft"] == all_fingerprints(load_config(None, ["sft.init_from=gpt2"]))["sft"]
+
+
+TINY_FINGERPRINTS = {
+    "tokenizer": "44afcc818b816693",
+    "pretrain": "42540cbbd2fb6f57",
+    "sft": "b62cb6414bf31359",
+    "reward": "ca55c3c970ab6d43",
+    "ppo": "cbbf045188843c1d",
+    "export": "7fd384801de3a411",
+}
+"""configs/tiny.yaml's stage fingerprints: a change here means every finished tiny run is stale."""
+
+
+def test_tiny_fingerprints_are_pinned():
+    assert all_fingerprints(load_config(CONFIG_DIR / "tiny.yaml")) == TINY_FINGERPRINTS
+
+
+def test_report_section_is_in_no_fingerprint():
+    cfg = load_config(None, ["report.max_wall_time_s=60", "report.min_reward_pair_accuracy=0.5"])
+    assert cfg.report.max_wall_time_s == 60.0 and cfg.report.min_ppo_accuracy_gain == 0.05
+    assert all_fingerprints(cfg) == all_fingerprints(load_config(None))
+    with pytest.raises(ConfigError, match=r"report.min_reward_pair_accuracy must be in \[0, 1\], got 2"):
+        load_config(None, ["report.min_reward_pair_accuracy=2"])
 
 
 CARDS = Path(__file__).resolve().parents[1] / "data_cards"

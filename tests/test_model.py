@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
 from pipeline.config import ModelConfig
-from pipeline.model import GPT, from_hf, model_config_from_hf, save_hf, to_hf_config, to_hf_state_dict
+from pipeline.gpt2_weights import from_hf, model_config_from_hf, save_hf, to_hf_config, to_hf_state_dict
+from pipeline.model import GPT
 
 V = 64
 

@@ -14,9 +14,11 @@ import pytest
 
 from pipeline.__main__ import main as cli
 from pipeline.config import ConfigError, load_config
+from pipeline.filecheck import check_checkpoint
 from pipeline.lineage import all_fingerprints
-from pipeline.orchestrate import RunOptions, check_checkpoint, plan, run_pipeline, run_status, stage_command
+from pipeline.orchestrate import RunOptions, plan, run_pipeline, stage_command
 from pipeline.runs import STAGES, StageDir, StageError
+from pipeline.status import run_status
 from tests.fake_stages.disk import small_disk  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]

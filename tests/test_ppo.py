@@ -10,24 +10,20 @@ import torch
 from accelerate import Accelerator
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
+import pipeline.lm
 import pipeline.rl.gae
 import pipeline.rl.kl
 import pipeline.rl.rollout
 from pipeline.config import ConfigError, PPOStageConfig
+from pipeline.lm import disable_dropout, fuse_activations, left_pad, response_logprobs, truncate_after_stop
+from pipeline.reward import ProgrammaticReward, ScalarReward
+from pipeline.reward.scalar import sequence_scores, token_scores
 from pipeline.rl.gae import masked_mean
 from pipeline.rl.losses import policy_loss, value_loss
-from pipeline.rl.rollout import (
-    PolicyAndValue,
-    disable_dropout,
-    fuse_activations,
-    left_pad,
-    response_logprobs,
-    sequence_scores,
-    token_scores,
-    truncate_after_stop,
-)
-from pipeline.rl.trainer import PPOInterrupted, PPOTrainer
+from pipeline.rl.rollout import PolicyAndValue
+from pipeline.rl.trainer import PPOTrainer
 from pipeline.runs import StageDir
+from pipeline.training import Interrupted
 from tests.helpers_launch import accelerate_launch, child_env
 
 V, PAD, STOP, TARGET = 16, 0, 1, 7
@@ -79,17 +75,20 @@ def make_trainer(ref_equals_policy=True, score_fn=count_target, reward_model=Non
     )
     policy, value = tiny_models()
     ref = copy.deepcopy(policy) if ref_equals_policy else tiny_models(seed=1)[0]
+    if reward_model is not None:
+        scorer = ScalarReward(reward_model, stop_ids=[STOP], pad_id=PAD)
+    else:
+        scorer = ProgrammaticReward(score_fn)
     return PPOTrainer(
         cfg,
         Accelerator(cpu=True),
         policy,
         None if cfg.advantage == "group" else value,
         ref,
-        reward_model,
+        scorer,
         [STOP],
         PAD,
         reward_stats,
-        score_fn=score_fn,
         seed=0,
     )
 
@@ -98,7 +97,7 @@ PROMPTS = [[3, 4, 5], [6, 2], [9, 10, 11, 12, 13], [4], [5, 5, 5, 5], [8, 9], [2
 
 
 def test_doctests():
-    for mod in (pipeline.rl.gae, pipeline.rl.kl, pipeline.rl.rollout):
+    for mod in (pipeline.lm, pipeline.rl.gae, pipeline.rl.kl, pipeline.rl.rollout):
         assert doctest.testmod(mod).failed == 0
 
 
@@ -276,8 +275,8 @@ def test_group_advantage_config_errors():
     with pytest.raises(ValueError, match="needs no value_model"):
         policy, value = tiny_models()
         cfg = PPOStageConfig(advantage="group", samples_per_prompt=2, rollout_batch_size=8, minibatch_size=4)
-        PPOTrainer(cfg, Accelerator(cpu=True), policy, value, copy.deepcopy(policy), None, [STOP], PAD,
-                   score_fn=count_target)  # fmt: skip
+        PPOTrainer(cfg, Accelerator(cpu=True), policy, value, copy.deepcopy(policy), ProgrammaticReward(count_target),
+                   [STOP], PAD)  # fmt: skip
     with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
         PPOStageConfig(advantage="group")
     with pytest.raises(ConfigError, match="must divide ppo.rollout_batch_size=64"):
@@ -366,7 +365,7 @@ def test_resume_is_bit_identical(tmp_path):
         os.kill(os.getpid(), signal.SIGTERM)
         return {}
 
-    with pytest.raises(PPOInterrupted):
+    with pytest.raises(Interrupted):
         first.fit(PROMPTS * 2, stage_dir=sd, on_eval=sigterm_at_step_2)
     assert sd.latest_checkpoint().name == "step_000002"
     torch.manual_seed(123)  # a different RNG state: the checkpoint must restore it
@@ -591,7 +590,7 @@ def test_prompt_records_normalise_and_name_bad_fields(tmp_path):
 
 
 def test_checker_reward_scores_each_response_against_its_prompts_record():
-    from pipeline.rl.components import CheckerReward
+    from pipeline.reward import CheckerScorer
 
     class Chars:  # ids are character codes; 1 is the end-of-turn token
         def decode(self, ids, skip_special_tokens=True):
@@ -599,13 +598,13 @@ def test_checker_reward_scores_each_response_against_its_prompts_record():
 
     records = [{"prompt": "2+2", "task": "add", "answer": "4"}, {"prompt": "5+5", "task": "add", "answer": "10"}]
     prompts = [[50, 43, 50], [53, 43, 53]]
-    reward = CheckerReward(Chars(), prompts, records)
+    reward = CheckerScorer(Chars(), prompts, records)
     q, qm = left_pad([prompts[1], prompts[0], prompts[1]], PAD)
     r, rm = (
         torch.tensor([[49, 48, STOP], [52, STOP, 0], [57, STOP, 0]]),
         torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 0]]),
     )
     # "10" right, "4" right, "9" off by one: 0.5 + 0.4 / 2
-    torch.testing.assert_close(reward(q, qm, r, rm), torch.tensor([1.0, 1.0, 0.7]))
+    torch.testing.assert_close(reward.score_ids(q, qm, r, rm), torch.tensor([1.0, 1.0, 0.7]))
     with pytest.raises(Exception, match="ppo.reward=checker: prompt record 'x' has no 'task'/'answer'"):
-        CheckerReward(Chars(), [[50]], [{"prompt": "hi", "id": "x"}])
+        CheckerScorer(Chars(), [[50]], [{"prompt": "hi", "id": "x"}])

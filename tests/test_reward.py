@@ -21,21 +21,13 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import load_config
 from pipeline.data.preferences import PreferenceGroup
-from pipeline.hf_trainer import latest_complete_checkpoint
-from pipeline.reward import (
-    GroupedPreferenceCollator,
-    MetricsCallback,
-    StopOnSignal,
-    encode_groups,
-    format_for_reward,
-    grouped_bradley_terry_loss,
-    grouped_rows,
-    load_reward_model,
-    pairwise_rows,
-    ranking_metrics,
-    reward_stats,
-    score_texts,
-)
+from pipeline.reward import format_for_reward
+from pipeline.reward.data import GroupedPreferenceCollator, encode_groups, grouped_rows, pairwise_rows
+from pipeline.reward.evaluation import ranking_metrics, reward_stats
+from pipeline.reward.losses import grouped_bradley_terry_loss
+from pipeline.reward.scalar import ScalarReward, load_reward_model
+from pipeline.runs import StageDir
+from pipeline.training import MetricsCallback, StopSignal
 from tests.helpers_launch import accelerate_launch, child_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,8 +131,8 @@ def test_load_reward_model_keeps_the_backbone_and_scores_independently_of_paddin
     assert torch.equal(rm.transformer.h[1].mlp.c_fc.weight, lm.transformer.h[1].mlp.c_fc.weight)
     prompts = ["Answer 1", "Answer 22", [{"role": "user", "content": "Answer 3"}]]
     responses = ["yes", "no no no yes yes", "yes no"]
-    batched = score_texts(rm, rtok, prompts, responses, batch_size=3)
-    single = score_texts(rm, rtok, prompts, responses, batch_size=1)
+    batched = ScalarReward(rm, rtok).score_texts(prompts, responses, batch_size=3)
+    single = ScalarReward(rm, rtok).score_texts(prompts, responses, batch_size=1)
     assert batched.shape == (3,) and torch.allclose(batched, single, atol=1e-5)  # right padding is ignored
     ids = rtok(format_for_reward(rtok, "Answer 1", "yes"), return_tensors="pt").input_ids
     assert batched[0].item() == pytest.approx(rm(ids).logits[0, 0].item(), abs=1e-5)
@@ -175,7 +167,7 @@ def test_load_reward_model_adds_chat_tokens_to_an_external_tokenizer(tmp_path):
     assert len(rtok) > len(ext) and rm.get_input_embeddings().num_embeddings == len(rtok)
     assert rm.config.pad_token_id == rtok.convert_tokens_to_ids("<|pad|>")
     assert format_for_reward(rtok, "q", "a") == "<|user|>q<|end|><|assistant|>a<|end|>"
-    assert score_texts(rm, rtok, ["q", "q"], ["a", "yes no"]).shape == (2,)
+    assert ScalarReward(rm, rtok).score_texts(["q", "q"], ["a", "yes no"]).shape == (2,)
 
 
 def test_reward_config_rejects_bad_values_naming_the_keys():
@@ -191,9 +183,10 @@ def test_metrics_callback_maps_keys_and_stops_on_nan():
     from types import SimpleNamespace
 
     from pipeline.runs import StageError
+    from stages.reward import METRIC_KEYS
 
     lines: list[dict] = []
-    cb = MetricsCallback(lines.append)
+    cb = MetricsCallback(lines.append, METRIC_KEYS, "reward")
     state = SimpleNamespace(global_step=40, is_world_process_zero=True)
     cb.on_log(SimpleNamespace(output_dir="ckpts"), state, None, {"loss": 0.5, "eval_accuracy": 0.9, "epoch": 1.0})
     assert lines == [{"step": 40, "train/loss": 0.5, "rm/accuracy": 0.9}]
@@ -205,7 +198,7 @@ def test_stop_on_signal_requests_a_save_and_restores_handlers():
     from transformers import TrainerControl
 
     before = signal.getsignal(signal.SIGTERM)
-    stopper = StopOnSignal()
+    stopper = StopSignal()
     with stopper:
         os.kill(os.getpid(), signal.SIGTERM)  # handled: the test process keeps running
         control = TrainerControl()
@@ -300,7 +293,8 @@ def test_stage_kwise_learns_rankings_loads_and_skips_when_done(tmp_path):
     best = [r["responses"][r["ranking"][0]] for r in held]
     worst = [r["responses"][r["ranking"][-1]] for r in held]
     prompts = [r["prompt"] for r in held]
-    wins = score_texts(rm, tok, prompts, best) > score_texts(rm, tok, prompts, worst)
+    scorer = ScalarReward(rm, tok)
+    wins = scorer.score_texts(prompts, best) > scorer.score_texts(prompts, worst)
     assert wins.float().mean().item() >= 0.95
 
     # done: a second run does nothing
@@ -376,10 +370,10 @@ def test_stage_sigterm_then_sigkill_then_resume_in_a_subprocess(tmp_path):
         proc.wait(timeout=120)
         return proc
 
-    # SIGTERM: a checkpoint is saved at the step reached, exit code 2, no manifest
+    # SIGTERM: a checkpoint is saved at the step reached, exit code 128 + SIGTERM as in every stage, no manifest
     term = start_then(signal.SIGTERM, after_step=10)
-    assert term.returncode == 2 and "stopped by SIGTERM" in term.stderr.read()
-    saved = latest_complete_checkpoint(rd / "checkpoints")
+    assert term.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in term.stderr.read()
+    saved = StageDir(rd).latest_checkpoint()
     assert saved is not None and not (rd / "manifest.json").exists()
     # SIGKILL later on: whatever was being written is never resumed from
     start_then(signal.SIGKILL, after_step=int(saved.name.split("-")[1]) + 60)

@@ -163,18 +163,18 @@ def test_load_file_error_and_skip_modes_with_counts(tmp_path):
     with pytest.raises(BadRecord, match=r"prefs\.jsonl:6: not valid JSON"):
         load_preferences(spec, TasksConfig(), seed=0)
     data = load_preferences(DatasetSpec(source=path, eval_fraction=0.25, on_bad_record="skip"), TasksConfig(), 0)
-    assert data.skipped == {"train": 2}
+    assert data.skipped_by_split == {"train": 2}
     assert "prefs.jsonl:14: field 'ranking' repeats index 1" in data.skipped_examples[1]
-    assert len(data.train) + len(data.eval) == 20 and len(data.eval) == 5
+    assert len(data.train) + len(data.held_out) == 20 and len(data.held_out) == 5
     # the held-out split is by prompt: no prompt is on both sides
-    assert not {g.prompt for g in data.train} & {g.prompt for g in data.eval}
+    assert not {g.prompt for g in data.train} & {g.prompt for g in data.held_out}
 
 
 def test_eval_source_and_max_records(tmp_path):
     train = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(9)])
     held = _write_jsonl(tmp_path / "e.jsonl", [{"prompt": "e", "responses": ["a", "b", "c"], "ranking": [1, 2, 0]}])
     data = load_preferences(DatasetSpec(source=train, eval_source=held, max_records=4), TasksConfig(), 0)
-    assert len(data.train) == 4 and [g.ranking for g in data.eval] == [[1, 2, 0]]
+    assert len(data.train) == 4 and [g.ranking for g in data.held_out] == [[1, 2, 0]]
 
 
 def test_split_heldout_is_deterministic_and_by_prompt():
@@ -188,6 +188,6 @@ def test_split_heldout_is_deterministic_and_by_prompt():
 def test_default_generated_sets_normalise_without_errors():
     cfg = TasksConfig(n_sft_train=10, n_sft_eval=4, n_reward_train=40, n_reward_eval=12, n_ppo_train=4, n_ppo_eval=4)
     data = load_preferences(DatasetSpec(), cfg, seed=0)
-    assert (len(data.train), len(data.eval), data.skipped) == (40, 12, {})
-    assert all(len(g.responses) == cfg.responses_per_prompt for g in data.train + data.eval)
-    assert all(g.meta.get("task") and "answer" in g.meta for g in data.eval)
+    assert (len(data.train), len(data.held_out), data.skipped_by_split) == (40, 12, {})
+    assert all(len(g.responses) == cfg.responses_per_prompt for g in data.train + data.held_out)
+    assert all(g.meta.get("task") and "answer" in g.meta for g in data.held_out)

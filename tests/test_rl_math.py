@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from pipeline.lm import entropy_from_logits, logprobs_from_logits
 from pipeline.rl.gae import compute_gae, group_advantages, masked_mean, masked_var, masked_whiten
 from pipeline.rl.kl import (
     AdaptiveKLController,
@@ -12,8 +13,9 @@ from pipeline.rl.kl import (
     compute_rewards,
     kl_per_token,
     last_token_index,
+    sequence_returns,
 )
-from pipeline.rl.losses import entropy_from_logits, explained_variance, logprobs_from_logits, policy_loss, value_loss
+from pipeline.rl.losses import explained_variance, policy_loss, value_loss
 
 NAN = float("nan")
 
@@ -132,13 +134,13 @@ def test_group_advantages_hand_computed():
     scores = torch.tensor([1.0, 0.0, 2.0, 3.0, 3.0, 3.0])
     kl = torch.tensor([[0.1, 0.1, 9.0], [0.0, 0.0, 0.0], [0.4, 0.0, 0.0], [0.0] * 3, [0.0] * 3, [0.0] * 3])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
-    adv, ret = group_advantages(scores, kl, mask, kl_coef=0.5, group_size=3)
+    adv, ret = group_advantages(sequence_returns(scores, kl, mask, kl_coef=0.5), mask, group_size=3)
     close(adv, [[0.0, 0.0, 0.0], [-1.35, 0.0, 0.0], [1.35, 1.35, 1.35], [0.0] * 3, [0.0] * 3, [0.0] * 3])
     close(ret, [[0.9, 0.9, 0.0], [0.0, 0.0, 0.0], [1.8, 1.8, 1.8], [3.0, 3.0, 0.0], [3.0, 0.0, 0.0], [3.0] * 3])
     # a group's advantages sum to zero
     close(adv[:, 0].view(2, 3).sum(1), [0.0, 0.0])
     with pytest.raises(ValueError, match="group_size=4"):
-        group_advantages(scores, kl, mask, 0.5, group_size=4)
+        group_advantages(sequence_returns(scores, kl, mask, 0.5), mask, group_size=4)
 
 
 def test_kl_is_zero_when_policy_equals_reference():

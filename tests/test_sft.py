@@ -14,15 +14,9 @@ import torch.nn.functional as F
 
 from pipeline.config import ConfigError, SFTStageConfig, load_config
 from pipeline.data.tasks import generate_tasks
-from pipeline.hf_trainer import CHECKPOINT_MARKER, latest_complete_checkpoint, remove_incomplete_checkpoints
-from pipeline.runs import StageDir
-from pipeline.sft import (
-    IGNORE_INDEX,
-    build_sft_config,
-    build_trainer,
-    tokenize_chat,
-    tokenize_examples,
-)
+from pipeline.runs import CHECKPOINT_MARKER, StageDir
+from pipeline.sft import build_sft_config, build_trainer
+from pipeline.sft_data import IGNORE_INDEX, tokenize_chat, tokenize_examples
 from tests.helpers_artifacts import make_fake_upstream, make_tiny_lm, make_tokenizer
 from tests.helpers_launch import accelerate_launch, child_env
 
@@ -200,17 +194,18 @@ def test_trainer_options_reach_sft_config_and_unknown_ones_are_rejected(tmp_path
 
 
 def test_only_marked_checkpoints_are_resumed_from(tmp_path):
+    sd = StageDir(tmp_path / "sft")
     for step, marked in ((2, True), (4, True), (6, False)):
-        d = tmp_path / f"checkpoint-{step}"
-        d.mkdir()
+        d = sd.checkpoints / f"checkpoint-{step}"
+        d.mkdir(parents=True)
         (d / "trainer_state.json").write_text("{}")
         if marked:
             (d / CHECKPOINT_MARKER).write_text("1")
-    (tmp_path / "checkpoint-8").mkdir()  # a kill before anything was written
-    assert latest_complete_checkpoint(tmp_path).name == "checkpoint-4"
-    assert sorted(p.name for p in remove_incomplete_checkpoints(tmp_path)) == ["checkpoint-6", "checkpoint-8"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    assert latest_complete_checkpoint(tmp_path / "missing") is None
+    (sd.checkpoints / "checkpoint-8").mkdir()  # a kill before anything was written
+    assert sd.latest_checkpoint().name == "checkpoint-4"
+    assert sorted(p.name for p in sd.remove_incomplete_checkpoints()) == ["checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in sd.checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert StageDir(tmp_path / "missing").latest_checkpoint() is None
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -310,26 +305,24 @@ def test_stage_trains_resumes_after_a_kill_and_is_not_rerun(tok, tmp_path, monke
 def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes(tok, tmp_path, monkeypatch):
     import signal
 
-    import pipeline.sft as sft_lib
+    from pipeline.training import StopSignal
     from stages import sft as stage
 
     cfg, argv = _prepare_run(tmp_path, tok, "term", ["sft.max_steps=6", "sft.save_steps=100"])
-    original = sft_lib.GracefulStop.on_step_end
+    original = StopSignal.on_step_end
 
     def term_at_step_3(self, args, state, control, **kw):
-        if state.global_step == 3 and self.signum is None:
-            os.kill(os.getpid(), signal.SIGTERM)  # handled by GracefulStop: save, then stop
+        if state.global_step == 3 and not self.signum:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by StopSignal: save, then stop
         return original(self, args, state, control, **kw)
 
-    monkeypatch.setattr(sft_lib.GracefulStop, "on_step_end", term_at_step_3)
-    with pytest.raises(SystemExit) as e:
-        stage.main(argv)
-    assert e.value.code == 128 + signal.SIGTERM
+    monkeypatch.setattr(StopSignal, "on_step_end", term_at_step_3)
+    assert stage.main(argv) == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
     sd = StageDir.of(cfg.run_dir, "sft")
-    assert latest_complete_checkpoint(sd.checkpoints).name == "checkpoint-3"  # not a save_steps multiple
+    assert sd.latest_checkpoint().name == "checkpoint-3"  # not a save_steps multiple
     assert not sd.manifest_path.exists() and not (sd.artifact / "model.safetensors").exists()
-    monkeypatch.setattr(sft_lib.GracefulStop, "on_step_end", original)
+    monkeypatch.setattr(StopSignal, "on_step_end", original)
     assert stage.main(argv) == 0
     m = json.loads(sd.manifest_path.read_text())
     assert m["resumed_from"].endswith("checkpoint-3") and m["metrics"]["steps"] == 6
@@ -339,13 +332,16 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     from types import SimpleNamespace
 
     from pipeline.runs import StageError
-    from pipeline.sft import MetricsCallback
+    from pipeline.sft import METRIC_KEYS
+    from pipeline.training import MetricsCallback
 
-    cb = MetricsCallback(StageDir(tmp_path / "sft"))
+    sd = StageDir(tmp_path / "sft")
+    cb = MetricsCallback(sd.append_metrics, METRIC_KEYS, "sft")
+    args = SimpleNamespace(output_dir=str(sd.checkpoints))
     state = SimpleNamespace(global_step=7, is_world_process_zero=True)
-    cb.on_log(None, state, None, logs={"loss": 1.5})
+    cb.on_log(args, state, None, logs={"loss": 1.5})
     with pytest.raises(StageError, match="loss is nan at step 7"):
-        cb.on_log(None, state, None, logs={"loss": float("nan")})
+        cb.on_log(args, state, None, logs={"loss": float("nan")})
     assert StageDir(tmp_path / "sft").read_metrics() == [{"step": 7, "train/loss": 1.5}]
 
 
@@ -450,7 +446,7 @@ def test_two_processes_run_the_stage(tok, tmp_path, accel):
     # two processes really trained: 96 examples / (8 per process x 2) = 6 steps per epoch
     epochs = [r["train/epoch"] for r in sd.read_metrics() if "train/loss" in r]
     assert epochs[-1] == pytest.approx(4 / 6)
-    ckpt = latest_complete_checkpoint(sd.checkpoints)
+    ckpt = sd.latest_checkpoint()
     assert ckpt.name == "checkpoint-4" and (ckpt / "rng_state_1.pth").is_file()  # both ranks saved
     pre, post = _weights(cfg.run_dir / "pretrain" / "artifact"), _weights(sd.artifact)
     assert all(post[k].shape == v.shape for k, v in pre.items())  # gathered, not shards (ZeRO-2 adds the tied lm_head)
@@ -478,7 +474,7 @@ def test_sigkilled_multiprocess_run_resumes(tok, tmp_path, accel):
         start_new_session=True,
     )
     deadline = time.time() + 400
-    while time.time() < deadline and p.poll() is None and latest_complete_checkpoint(sd.checkpoints) is None:
+    while time.time() < deadline and p.poll() is None and sd.latest_checkpoint() is None:
         time.sleep(0.05)
     import psutil  # an accelerate dependency
 
@@ -486,7 +482,7 @@ def test_sigkilled_multiprocess_run_resumes(tok, tmp_path, accel):
     for proc in [*psutil.Process(p.pid).children(recursive=True), psutil.Process(p.pid)]:
         proc.send_signal(signal.SIGKILL)
     _, err = p.communicate(timeout=60)
-    killed_at = latest_complete_checkpoint(sd.checkpoints)
+    killed_at = sd.latest_checkpoint()
     assert killed_at is not None, err[-3000:]
     assert not sd.manifest_path.exists()
     proc = subprocess.run(cmd, cwd=ROOT, env=_launch_env(), capture_output=True, text=True, timeout=600)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import DatasetSpec, TasksConfig
-from pipeline.data.chat import last_user_prompt, load_sft_data, normalise_chat
+from pipeline.data.conversations import last_user_prompt, load_sft_data, normalise_chat
 from pipeline.data.records import BadRecord, Record, normalise_all, read_records
 
 EXPECTED = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
@@ -174,10 +174,10 @@ def test_eval_split_is_carved_deterministically_and_disjoint(tmp_path):
     path = _write(tmp_path / "qa.jsonl", rows)
     spec = DatasetSpec(source=str(path), eval_fraction=0.1)
     a, b = load_sft_data(spec, TasksConfig(), seed=3), load_sft_data(spec, TasksConfig(), seed=3)
-    assert len(a.eval) == 4 and len(a.train) == 36
-    assert a.eval == b.eval
+    assert len(a.held_out) == 4 and len(a.train) == 36
+    assert a.held_out == b.held_out
     q_train = {r["messages"][0]["content"] for r in a.train}
-    q_eval = {r["messages"][0]["content"] for r in a.eval}
+    q_eval = {r["messages"][0]["content"] for r in a.held_out}
     assert not q_train & q_eval and len(q_train | q_eval) == 40
 
 
@@ -185,7 +185,7 @@ def test_eval_source_file(tmp_path):
     train = _write(tmp_path / "train.jsonl", [{"question": "q", "answer": "a"}] * 3)
     held = _write(tmp_path / "held.csv", [{"instruction": "i", "output": "o"}])
     data = load_sft_data(DatasetSpec(source=str(train), eval_source=str(held)), TasksConfig(), seed=0)
-    assert len(data.train) == 3 and data.eval[0]["messages"][1]["content"] == "o"
+    assert len(data.train) == 3 and data.held_out[0]["messages"][1]["content"] == "o"
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -196,7 +196,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_default_source_uses_generated_tasks_with_checkers():
     tasks = TasksConfig(n_sft_train=8, n_sft_eval=4)
     data = load_sft_data(DatasetSpec(), tasks, seed=0)
-    assert len(data.train) == 8 and len(data.eval) == 4
-    for rec in data.train + data.eval:
+    assert len(data.train) == 8 and len(data.held_out) == 4
+    for rec in data.train + data.held_out:
         assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
         assert rec["task"] in tasks.kinds and rec["answer"] == rec["messages"][1]["content"]

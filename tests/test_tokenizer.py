@@ -11,8 +11,11 @@ from transformers import AutoTokenizer
 
 from pipeline import tokenizer as T
 from pipeline.config import TokenizerConfig
+from pipeline.tokenizer.encoder import read_ranks
+from pipeline.tokenizer.train import tokenizer_from_ranks
 
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+"""The shared reference text beside the checkout (``../shared/data``), when there is one."""
 
 
 def _reference_text() -> str:
@@ -184,7 +187,7 @@ def test_gpt2_kind_builds_hf_files_from_ranks(
     monkeypatch: pytest.MonkeyPatch, bpe_dir: Path, tmp_path: Path, text: str
 ) -> None:
     """The gpt2 path on a stand-in encoding shaped like GPT-2's (ranks first, <|endoftext|> last)."""
-    ranks = T._read_ranks(bpe_dir / "tokenizer.tiktoken")
+    ranks = read_ranks(bpe_dir / "tokenizer.tiktoken")
     dense = {t: r for r, t in enumerate(sorted(ranks, key=ranks.__getitem__))}
     from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pattern as tiktoken writes it
 
@@ -224,7 +227,7 @@ def test_ensure_chat_tokens_on_foreign_tokenizer(bpe_dir: Path) -> None:
     assert T.ensure_chat_tokens(tok) == 0
 
     # a tokenizer that lacks them entirely gets 6 new ids
-    small = T._tokenizer_from_ranks({bytes([b]): b for b in range(256)}, {"<|endoftext|>": 256})
+    small = tokenizer_from_ranks({bytes([b]): b for b in range(256)}, {"<|endoftext|>": 256})
     tok2 = PreTrainedTokenizerFast(tokenizer_object=small)
     assert T.ensure_chat_tokens(tok2) == 5
     assert len(tok2) == 262 and tok2.pad_token == "<|pad|>" and tok2.eos_token == "<|endoftext|>"

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import DatasetSpec, TasksConfig
-from .records import BadRecord, Record, SkipCounter, carve_held_out, normalise_all, read_records
-from .tasks import generate_tasks
+from .loader import Split, SplitRules, carve_held_out_by, load_split
+from .records import ROLES, BadRecord, Record
 
 __all__ = [
     "PreferenceGroup",
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 Prompt = str | list[dict[str, str]]
 """A user message, or a list of chat messages ``{"role", "content"}`` (the conversation so far)."""
 
-_ROLES = ("system", "user", "assistant")
+
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _META_KEYS = ("task", "answer", "id")
 
@@ -85,15 +85,8 @@ class Comparison:
     """Score difference (K-wise with scores) or the record's margin (pairwise); 0 when unknown."""
 
 
-@dataclass
-class PreferenceData:
-    """Training and held-out groups plus what was skipped."""
-
-    train: list[PreferenceGroup]
-    eval: list[PreferenceGroup]
-    skipped: dict[str, int] = field(default_factory=dict)
-    """Bad records skipped per split (``on_bad_record: skip``)."""
-    skipped_examples: list[str] = field(default_factory=list)
+PreferenceData = Split[PreferenceGroup]
+"""The ranked-response groups of a run (:func:`load_preferences`)."""
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -192,8 +185,8 @@ def _messages(m: Any, where: str, name: str) -> list[dict[str, str]]:
     for i, msg in enumerate(m):
         if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
             raise BadRecord(f"{where}: field '{name}[{i}]' must be an object with a string 'content', got {msg!r:.80}")
-        if msg.get("role") not in _ROLES:
-            raise BadRecord(f"{where}: field '{name}[{i}].role' is {msg.get('role')!r}; expected one of {_ROLES}")
+        if msg.get("role") not in ROLES:
+            raise BadRecord(f"{where}: field '{name}[{i}].role' is {msg.get('role')!r}; expected one of {ROLES}")
         out.append({"role": msg["role"], "content": msg["content"]})
     return out
 
@@ -332,17 +325,21 @@ def to_pairwise(groups: list[PreferenceGroup]) -> list[dict[str, Any]]:
     return out
 
 
-def split_heldout(groups: list[PreferenceGroup], fraction: float, seed: int) -> tuple[list, list]:
+def split_heldout(
+    groups: list[PreferenceGroup], fraction: float, seed: int
+) -> tuple[list[PreferenceGroup], list[PreferenceGroup]]:
     """Carve a held-out share off ``groups`` by prompt (a prompt's responses never straddle the split)."""
-    _, held_prompts = carve_held_out(sorted({_prompt_key(g.prompt) for g in groups}), fraction, seed)
-    held = set(held_prompts)
-    train = [g for g in groups if _prompt_key(g.prompt) not in held]
-    heldout = [g for g in groups if _prompt_key(g.prompt) in held]
-    return train, heldout
+    return carve_held_out_by(groups, _prompt_key, fraction, seed)
 
 
-def _prompt_key(p: Prompt) -> str:
+def _prompt_key(group: PreferenceGroup) -> str:
+    p = group.prompt
     return p if isinstance(p, str) else repr(p)
+
+
+_RULES: SplitRules[PreferenceGroup] = SplitRules(
+    "preference records", ("reward_train", "reward_eval"), group_by=_prompt_key, cap_held_out=False
+)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -352,51 +349,13 @@ def load_preferences(spec: DatasetSpec, tasks_cfg: TasksConfig, seed: int) -> Pr
     """Training and held-out preference groups for a ``DatasetSpec``.
 
     ``source: default`` uses the generated ranked-response sets (``pipeline.data.tasks``); a file or
-    ``hub:<name>`` is read and normalised, its held-out set coming from ``eval_source`` or, when that is
-    empty, from ``eval_fraction`` of its prompts.
+    ``hub:<name>`` is read and normalised, its held-out set coming from ``eval_source`` (all of it:
+    ``max_records`` limits the training records only) or, when that is empty, from ``eval_fraction`` of its
+    prompts (``pipeline.data.loader``).
 
     Raises:
-        BadRecord: a bad record (``on_bad_record: error``), naming its location and field.
+        BadRecord: a bad record (``on_bad_record: error``), naming its location and field, or no usable
+            training record.
         FileNotFoundError: a dataset file does not exist.
     """
-    skipped: dict[str, int] = {}
-    examples: list[str] = []
-    if spec.source == "default":
-        sets = generate_tasks(tasks_cfg)
-        train = _normalise_in_memory(sets.reward_train, "default:reward_train", skipped, examples, spec)
-        heldout = _normalise_in_memory(sets.reward_eval, "default:reward_eval", skipped, examples, spec)
-    else:
-        train = _normalise(
-            read_records(spec.source, spec.split, spec.hub_config, spec.max_records), "train", spec, skipped, examples
-        )
-        if spec.eval_source:
-            eval_recs = read_records(spec.eval_source, spec.eval_split or spec.split, spec.hub_config)
-            heldout = _normalise(eval_recs, "eval", spec, skipped, examples)
-        else:
-            train, heldout = split_heldout(train, spec.eval_fraction, seed)
-    if spec.max_records and spec.source == "default":
-        train = train[: spec.max_records]
-    if not train:
-        raise BadRecord(f"reward.dataset.source={spec.source!r}: no usable training records")
-    return PreferenceData(train, heldout, skipped, examples)
-
-
-def _normalise(
-    records: Any, split: str, spec: DatasetSpec, skipped: dict[str, int], examples: list[str]
-) -> list[PreferenceGroup]:
-    groups, counter = normalise_all(records, normalise_preference, spec.on_bad_record)
-    _count(counter, split, skipped, examples)
-    return groups
-
-
-def _normalise_in_memory(
-    recs: list[dict], name: str, skipped: dict[str, int], examples: list[str], spec: DatasetSpec
-) -> list[PreferenceGroup]:
-    records = (Record(f"{name}[{i}]", r) for i, r in enumerate(recs))
-    return _normalise(records, name.split(":")[1], spec, skipped, examples)
-
-
-def _count(counter: SkipCounter, split: str, skipped: dict[str, int], examples: list[str]) -> None:
-    if counter.skipped:
-        skipped[split] = skipped.get(split, 0) + counter.skipped
-        examples.extend(counter.examples[: 5 - len(examples)])
+    return load_split(spec, normalise_preference, _RULES, tasks_cfg, seed)

@@ -8,7 +8,7 @@ Accepted record schemas (DESIGN.md, "Data"):
                 everything before the answer
 ==============  ====================================================================================
 
-Each becomes ``{"messages": [...], "prompt": <last user text>, task?, answer?, id?}``; ``task`` and
+Each becomes a :class:`PromptRecord` ``{"messages": [...], "prompt": <last user text>, task?, answer?, id?}``; ``task`` and
 ``answer`` are kept for the generated tasks' checker. A bad record raises
 :class:`~pipeline.data.records.BadRecord` naming the file, the line or row and the field (or is skipped
 and counted with ``on_bad_record: skip``).
@@ -21,50 +21,34 @@ and counted with ``on_bad_record: skip``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pipeline.config import DatasetSpec, TasksConfig
-from pipeline.data.records import BadRecord, Record, load_train_and_held_out
+from pipeline.data.loader import Split, SplitRules, load_split
+from pipeline.data.records import BadRecord, Message, Record, TaskFields, chat_turns
 
-__all__ = ["PromptData", "normalise_prompt", "load_prompts"]
+__all__ = ["PromptRecord", "PromptData", "normalise_prompt", "load_prompts"]
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
+_PROMPT_EXPECTED = "a string or a non-empty list of {role, content} turns"
 _PASSTHROUGH = ("task", "answer", "id")
 
 
-@dataclass
-class PromptData:
-    train: list[dict[str, Any]]
-    held_out: list[dict[str, Any]]
-    skipped: int
-    source: str
+class PromptRecord(TaskFields):
+    """A PPO prompt: the conversation so far, ending with the user turn the policy answers."""
+
+    messages: list[Message]
+    prompt: str
+    """The last user turn's text."""
 
 
-def _turns(value: Any, field: str, where: str) -> list[dict[str, str]]:
-    if hasattr(value, "tolist"):  # numpy arrays from parquet/datasets
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not value:
-        raise BadRecord(f"{where}: field '{field}' must be a string or a non-empty list of {{role, content}} turns")
-    turns = []
-    for i, turn in enumerate(value):
-        f = f"{field}[{i}]"
-        if not isinstance(turn, dict):
-            raise BadRecord(
-                f"{where}: field '{f}' must be an object with 'role' and 'content', got {type(turn).__name__}"
-            )
-        role, content = turn.get("role"), turn.get("content")
-        if role not in ROLES:
-            raise BadRecord(f"{where}: field '{f}.role' is {role!r}, expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str) or (role != "system" and not content.strip()):
-            raise BadRecord(f"{where}: field '{f}.content' must be a non-empty string")
-        turns.append({"role": role, "content": content})
-    return turns
+PromptData = Split[PromptRecord]
+"""The PPO prompts of a run (:func:`load_prompts`)."""
+_RULES: SplitRules[PromptRecord] = SplitRules("PPO prompts", ("ppo_train", "ppo_eval"))
 
 
-def normalise_prompt(rec: Record) -> dict[str, Any]:
+def normalise_prompt(rec: Record) -> PromptRecord:
     """Normalise one ``prompt`` or ``messages`` record (see the module docstring).
 
     Raises:
@@ -80,10 +64,10 @@ def normalise_prompt(rec: Record) -> dict[str, Any]:
         elif value is None:
             raise BadRecord(f"{where}: field 'prompt' is missing (null)")
         else:
-            turns = _turns(value, "prompt", where)
+            turns = chat_turns(value, "prompt", where, _PROMPT_EXPECTED)
         field = "prompt"
     elif "messages" in data:
-        turns = _turns(data["messages"], "messages", where)
+        turns = chat_turns(data["messages"], "messages", where, _PROMPT_EXPECTED)
         field = "messages"
     else:
         keys = ", ".join(map(str, data)) or "none"
@@ -96,7 +80,7 @@ def normalise_prompt(rec: Record) -> dict[str, Any]:
     for key in _PASSTHROUGH:
         if data.get(key) is not None:
             out[key] = str(data[key]) if key == "answer" else data[key]
-    return out
+    return cast(PromptRecord, out)
 
 
 def load_prompts(spec: DatasetSpec, tasks: TasksConfig, seed: int) -> PromptData:
@@ -104,20 +88,10 @@ def load_prompts(spec: DatasetSpec, tasks: TasksConfig, seed: int) -> PromptData
 
     ``source: default`` uses the generated tasks (``generate_tasks(tasks).ppo_train/ppo_eval``). A file or
     ``hub:<name>`` source takes held-out prompts from ``eval_source`` or carves ``eval_fraction`` off the
-    training records with a seeded shuffle.
+    training records with a seeded shuffle (``pipeline.data.loader``).
 
     Raises:
         BadRecord: a bad record in ``on_bad_record: error`` mode (names file, line/row and field), or no usable prompt.
         FileNotFoundError: a local source does not exist.
     """
-    if spec.source == "default":
-        from pipeline.data.tasks import generate_tasks
-
-        sets = generate_tasks(tasks)
-        train = [normalise_prompt(Record(f"default:ppo_train[{i}]", r)) for i, r in enumerate(sets.ppo_train)]
-        held = [normalise_prompt(Record(f"default:ppo_eval[{i}]", r)) for i, r in enumerate(sets.ppo_eval)]
-        if spec.max_records:
-            train = train[: spec.max_records]
-        return PromptData(train, held, 0, "default")
-    train, held, skipped = load_train_and_held_out(spec, normalise_prompt, seed, "PPO prompts")
-    return PromptData(train, held, skipped, spec.source)
+    return load_split(spec, normalise_prompt, _RULES, tasks, seed)

@@ -1,4 +1,5 @@
-"""Reading records from local files and Hub datasets, with locations for error messages.
+"""Reading records from local files and Hub datasets, with locations for error messages; the fields
+normalised records share.
 
 Every record comes with where it came from (``data/train.jsonl:17``, ``qa.csv:row 4``,
 ``hub:org/name[train] row 12``) so a schema error can name the file, the line or row and the field.
@@ -15,28 +16,50 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar
 
 __all__ = [
+    "ROLES",
     "Record",
     "BadRecord",
     "SkipCounter",
+    "Message",
+    "TaskFields",
     "read_records",
     "normalise_all",
-    "carve_held_out",
-    "load_train_and_held_out",
+    "record_text",
+    "chat_turns",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+ROLES = ("system", "user", "assistant")
+"""The chat roles a record's messages may have."""
+
+
 class BadRecord(ValueError):
     """A record that fits no accepted schema; the message names the location and the field."""
+
+
+class Message(TypedDict):
+    """One chat turn of a normalised record."""
+
+    role: str
+    """``system``, ``user`` or ``assistant``."""
+    content: str
+
+
+class TaskFields(TypedDict, total=False):
+    """What a normalised record keeps of the generated tasks' fields, for their checker (``pipeline.data.tasks``)."""
+
+    task: str
+    answer: str
+    id: Any
 
 
 @dataclass(frozen=True)
@@ -144,7 +167,7 @@ def _as_object(obj: Any, where: str) -> dict[str, Any]:
 
 
 def normalise_all(
-    records: Iterator[Record] | list[Record], normalise: Callable[[Record], T], on_bad_record: str = "error"
+    records: Iterable[Record], normalise: Callable[[Record], T], on_bad_record: str = "error"
 ) -> tuple[list[T], SkipCounter]:
     """Apply ``normalise`` to every record; on BadRecord raise (``error``) or skip and count (``skip``)."""
     out: list[T] = []
@@ -163,51 +186,44 @@ def normalise_all(
     return out, skipped
 
 
-def carve_held_out(records: list[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Split ``records`` into (train, held-out) with a seeded shuffle, keeping the original order in each.
+def record_text(value: Any, field: str, where: str, allow_empty: bool = False) -> str:
+    """A record's text field, or a :class:`BadRecord` naming ``where`` and ``field`` (null, not a string, empty)."""
+    if value is None:
+        raise BadRecord(f"{where}: field '{field}' is missing (null)")
+    if not isinstance(value, str):
+        raise BadRecord(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadRecord(f"{where}: field '{field}' is empty")
+    return value
 
-    At least one record is held out (and one kept) when ``fraction > 0`` and there are two or more.
 
-    >>> carve_held_out(list(range(10)), 0.2, seed=0)
-    ([0, 1, 2, 3, 4, 5, 6, 9], [7, 8])
+def chat_turns(
+    value: Any, field: str, where: str, expected: str = "a non-empty list of {role, content} turns"
+) -> list[Message]:
+    """Validate a list of chat turns (``field`` names it in errors, e.g. ``messages``; ``expected`` says what the
+    field may hold). A system turn may be empty; every other turn needs text.
+
+    >>> chat_turns([{"role": "user", "content": "hi"}], "messages", "f.jsonl:1")
+    [{'role': 'user', 'content': 'hi'}]
+    >>> chat_turns([{"role": "bot", "content": "hi"}], "messages", "f.jsonl:1")
+    Traceback (most recent call last):
+    ...
+    pipeline.data.records.BadRecord: f.jsonl:1: field 'messages[0].role' is 'bot', expected one of system, user, assistant
     """
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = int(round(len(records) * fraction)) if fraction > 0 else 0
-    if fraction > 0 and len(records) > 1:
-        n_eval = min(max(n_eval, 1), len(records) - 1)
-    held_idx = set(order[:n_eval])
-    held = [r for i, r in enumerate(records) if i in held_idx]
-    train = [r for i, r in enumerate(records) if i not in held_idx]
-    return train, held
-
-
-def load_train_and_held_out(
-    spec: Any, normalise: Callable[[Record], T], seed: int, what: str
-) -> tuple[list[T], list[T], int]:
-    """The (train, held-out, skipped count) records of a file or ``hub:<name>`` ``DatasetSpec``.
-
-    Held-out records come from ``spec.eval_source`` (split ``eval_split``, default ``split``) or, when that is
-    empty, ``spec.eval_fraction`` is carved off the training records with a seeded shuffle.
-
-    Raises:
-        BadRecord: a bad record in ``on_bad_record: error`` mode, or no usable training record (``what`` names them).
-        FileNotFoundError: a local source does not exist.
-    """
-
-    def read(source: str, split: str) -> tuple[list[T], SkipCounter]:
-        records = read_records(source, split=split, hub_config=spec.hub_config, max_records=spec.max_records)
-        return normalise_all(records, normalise, spec.on_bad_record)
-
-    train, skipped = read(spec.source, spec.split)
-    if spec.eval_source:
-        held, skipped_eval = read(spec.eval_source, spec.eval_split or spec.split)
-        skipped.skipped += skipped_eval.skipped
-    else:
-        train, held = carve_held_out(train, spec.eval_fraction, seed)
-    if not train:
-        raise BadRecord(f"{spec.source}: no usable {what} (skipped {skipped.skipped} bad ones)")
-    log.info(
-        "%s: %d train, %d held-out from %s (%d bad skipped)", what, len(train), len(held), spec.source, skipped.skipped
-    )
-    return train, held, skipped.skipped
+    if hasattr(value, "tolist"):  # numpy arrays from parquet/datasets
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not value:
+        raise BadRecord(f"{where}: field '{field}' must be {expected}")
+    turns: list[Message] = []
+    for i, turn in enumerate(value):
+        f = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise BadRecord(
+                f"{where}: field '{f}' must be an object with 'role' and 'content', got {type(turn).__name__}"
+            )
+        role = turn.get("role")
+        if role not in ROLES:
+            raise BadRecord(f"{where}: field '{f}.role' is {role!r}, expected one of {', '.join(ROLES)}")
+        content = record_text(turn.get("content"), f"{f}.content", where, allow_empty=role == "system")
+        turns.append({"role": role, "content": content})
+    return turns

@@ -35,6 +35,9 @@ Sets (:class:`TaskSets`), sizes from the config, kinds balanced:
 
 Every id contains :data:`GENERATOR_VERSION`, bumped on any change in generated output.
 
+The checker (``task_checks``) and the ranked candidates (``task_candidates``) live in their own modules;
+their public functions are re-exported here, the one place to import the generated tasks from.
+
 Usage::
 
     sets = generate_tasks(TasksConfig())
@@ -50,16 +53,16 @@ import json
 import logging
 import os
 import random
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
-from difflib import SequenceMatcher
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import TasksConfig
+from pipeline.data.task_candidates import ranked_candidates, to_pairs
+from pipeline.data.task_checks import answer_format, check_answer, response_class, score_answer, spaced
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -81,13 +84,6 @@ log = logging.getLogger(__name__)
 GENERATOR_VERSION = "1"
 """Part of every record id; bump on any change in the generated output."""
 
-_NUMBER = re.compile(r"[+-]?\d+")
-_LETTERS = re.compile(r"[a-z]( [a-z])*")
-_EDGE_CHARS = " \t\r\n\"'`.!?,;:"
-# Scores: correct 1.0; well-formed but wrong in [0.5, 0.9); malformed in [0, 0.4).
-_WRONG_BASE, _WRONG_SPAN, _MALFORMED_SPAN = 0.5, 0.4, 0.4
-_FILLER = ("and", "so", "my", "good", "lord", "i", "think", "it", "is", "perhaps", "or", "thou", "art")
-
 
 # ----------------------------------------------------------------------------- families
 
@@ -101,10 +97,6 @@ class _Family:
     answer: Callable[[tuple[Any, ...]], str]
 
 
-def _spaced(letters: Iterable[str]) -> str:
-    return " ".join(letters)
-
-
 FAMILIES: dict[str, _Family] = {
     # Numbers are single digits in a Shakespeare BPE, so the model sees every digit of the operands.
     "add": _Family(("What is {a} + {b}?", "Add {a} and {b}.", "{a} + {b} ="), "pairs", lambda it: str(it[0] + it[1])),
@@ -112,20 +104,20 @@ FAMILIES: dict[str, _Family] = {
     "spell": _Family(
         ("Spell the word {w}.", "Spell {w} letter by letter.", "How do you spell {w}?"),
         "words",
-        lambda it: _spaced(it[0]),
+        lambda it: spaced(it[0]),
     ),
     # The letters are given spaced (one token each), so reversing and counting generalise to unseen words.
     "reverse": _Family(
         ("Reverse {s}.", "Reverse the letters {s}.", "Write {s} backwards."),
         "words",
-        lambda it: _spaced(reversed(it[0])),
+        lambda it: spaced(reversed(it[0])),
     ),
     # Not in the default kinds. A wrong order shows in one adjacent pair, so generated near misses are easy
     # to judge, but the SFT model's own errors (wrong letters, in order) are not: data_cards/generated-tasks-sft.md.
     "sort": _Family(
         ("Sort the letters {s}.", "Put {s} in alphabetical order.", "Sort {s} from a to z."),
         "words",
-        lambda it: _spaced(sorted(it[0])),
+        lambda it: spaced(sorted(it[0])),
     ),
     "count": _Family(
         ("How many letters are in {s}?", "Count the letters in {s}.", "How many letters does {s} have?"),
@@ -155,203 +147,6 @@ def load_words() -> tuple[str, ...]:
     return tuple(sorted(set(words)))
 
 
-# ----------------------------------------------------------------------------- checking
-
-
-def _normalise(text: Any) -> str:
-    """Lowercase, collapse whitespace, strip surrounding quotes and trailing punctuation."""
-    return " ".join(str(text).lower().split()).strip(_EDGE_CHARS)
-
-
-def answer_format(answer: Any) -> str:
-    """How an answer is compared: ``number`` (an integer), ``letters`` (single letters spaced) or ``text``.
-
-    >>> answer_format("68"), answer_format("k i n g"), answer_format("to be")
-    ('number', 'letters', 'text')
-    """
-    a = _normalise(answer)
-    if _NUMBER.fullmatch(a):
-        return "number"
-    if _LETTERS.fullmatch(a):
-        return "letters"
-    return "text"
-
-
-def _truth(record: dict[str, Any]) -> str:
-    if record.get("answer") is None or not record.get("task"):
-        where = f" (id {record['id']})" if "id" in record else ""
-        raise ValueError(f"record{where} has no 'task'/'answer' fields, so it has no checker")
-    return _normalise(record["answer"])
-
-
-def check_answer(record: dict[str, Any], response: str) -> bool:
-    """Whether ``response`` is the record's answer, ignoring case, extra whitespace and end punctuation.
-
-    Numbers compare by value (``"068"`` is 68); letter answers need their letters spaced (``k i n g``).
-
-    Raises:
-        ValueError: the record has no ``task``/``answer`` (no checker).
-    """
-    return score_answer(record, response) == 1.0
-
-
-def score_answer(record: dict[str, Any], response: str) -> float:
-    """Partial credit in [0, 1]: 1.0 correct; [0.5, 0.9) well-formed but wrong; [0, 0.4) malformed.
-
-    Well-formed wrong answers earn more the closer they are: ``0.5 + 0.4 / (1 + |error|)`` for numbers,
-    ``0.5 + 0.4 * similarity`` of the letter sequences otherwise. A malformed response (empty, wrong
-    format, rambling) earns ``0.4 * similarity`` of its text to the answer. Any near miss therefore
-    outranks any malformed response.
-
-    Raises:
-        ValueError: the record has no ``task``/``answer`` (no checker).
-    """
-    want, got = _truth(record), _normalise(response)
-    fmt = answer_format(want)
-    if fmt == "number" and _NUMBER.fullmatch(got):
-        error = abs(int(got) - int(want))
-        return 1.0 if error == 0 else _WRONG_BASE + _WRONG_SPAN / (1 + error)
-    if fmt == "letters" and _LETTERS.fullmatch(got):
-        if got == want:
-            return 1.0
-        return _WRONG_BASE + _WRONG_SPAN * SequenceMatcher(None, got.split(), want.split(), autojunk=False).ratio()
-    if got == want:  # text answers
-        return 1.0
-    span = _WRONG_BASE + _WRONG_SPAN if fmt == "text" else _MALFORMED_SPAN
-    return span * SequenceMatcher(None, got, want, autojunk=False).ratio()
-
-
-def response_class(record: dict[str, Any], response: str) -> str:
-    """``right``, ``near miss`` (well-formed but wrong) or ``malformed``, by :func:`score_answer`'s bands.
-
-    >>> rec = {"task": "add", "answer": "103"}
-    >>> [response_class(rec, r) for r in ("103", "101", "The answer is 103.")]
-    ['right', 'near miss', 'malformed']
-    """
-    score = score_answer(record, response)
-    return "right" if score == 1.0 else "near miss" if score >= _WRONG_BASE else "malformed"
-
-
-# ----------------------------------------------------------------------------- candidates
-
-
-def _near_misses(kind: str, answer: str, rng: random.Random) -> list[str]:
-    """Well-formed wrong answers close to ``answer``: off by a little, one letter wrong."""
-    out: list[str] = []
-    if answer_format(answer) == "number":
-        n = int(answer)
-        out += [str(n + d) for d in (1, -1, 2, -2, 10, -10, 3, -3) if n + d >= 0]
-        if len(answer) > 1:
-            out.append(str(int(answer[::-1])))  # digits swapped
-        out.append(answer + answer[-1])  # a digit doubled
-    else:
-        letters = answer.split()
-        i = rng.randrange(len(letters))
-        j = i + 1 if i + 1 < len(letters) else i - 1
-        swapped = list(letters)
-        swapped[i], swapped[j] = swapped[j], swapped[i]
-        replaced = list(letters)
-        replaced[i] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != letters[i]])
-        out += [
-            _spaced(swapped),
-            _spaced(letters[:i] + letters[i + 1 :]),
-            _spaced(letters[: i + 1] + letters[i:]),
-            _spaced(replaced),
-        ]
-        if kind in ("reverse", "spell", "sort"):
-            out.append(_spaced(reversed(letters)))  # the other direction
-    rng.shuffle(out)
-    return [o for o in out if o != answer and answer_format(o) == answer_format(answer)]
-
-
-def _malformed(answer: str, rng: random.Random, words: tuple[str, ...]) -> list[str]:
-    """Responses in the wrong form: empty, rambling, repeated, unspaced, another question's answer."""
-    number = answer_format(answer) == "number"
-    filler = " ".join(rng.sample(_FILLER, 4))
-    other = str(rng.randrange(2, 199)) if not number else _spaced(rng.choice(words))
-    out = [
-        "",
-        f"{answer}, {answer}, {answer}",
-        f"{answer} {filler}",
-        f"I think it is {answer}, my lord.",
-        f"The answer is {answer}.",
-        f"Answer: {answer}",
-        " ".join(rng.sample(words, 3)),
-        other,
-        f"{filler} {other}",
-        answer.replace(" ", "") if not number else " ".join(answer),
-        answer.replace(" ", "-"),
-    ]
-    rng.shuffle(out)
-    return [o for o in out if o != answer]
-
-
-def _ranked_candidates(
-    record: dict[str, Any], k: int, rng: random.Random, words: tuple[str, ...], malformed: bool = True
-) -> tuple[list[str], list[float]]:
-    """K distinct responses with distinct scores: the answer, near misses, then malformed ones (or, with
-    ``malformed=False``, the answer and near misses only)."""
-    answer = record["answer"]
-    n_near = (1 if rng.random() < 0.5 else 0) if k == 2 else (1 if k == 3 else 2)
-    chosen: dict[str, float] = {answer: 1.0}
-    near, bad = _near_misses(record["task"], answer, rng), _malformed(answer, rng, words)
-    if not malformed:  # drawn above all the same, so both settings consume the random stream alike
-        bad = []
-    # near misses up to their quota, then malformed ones, then more near misses if still short of k
-    for pool, quota in ((near, n_near), (bad, k), (near, k)):
-        taken = 0
-        for text in pool:
-            score = round(score_answer(record, text), 4)
-            if len(chosen) == k or taken == quota:
-                break
-            if text not in chosen and score not in chosen.values():
-                chosen[text] = score
-                taken += 1
-    if len(chosen) < k:
-        raise ValueError(
-            f"{record['id']}: found only {len(chosen)} distinct candidates for data.tasks.responses_per_prompt={k}"
-            + ("" if malformed else " (data.tasks.malformed_candidates=false: near misses only)")
-        )
-    texts = list(chosen)
-    rng.shuffle(texts)
-    return texts, [chosen[t] for t in texts]
-
-
-def to_pairs(record: dict[str, Any], margin: bool = False) -> list[dict[str, Any]]:
-    """Expand a K-wise ranked record into its preference pairs (chosen ranked above rejected).
-
-    Gives all C(K, 2) pairs, best-first order; a pair whose two scores are equal is left out.
-
-    Args:
-        record: ``prompt``, ``responses``, ``ranking`` (indices, best first) and optional ``scores``.
-        margin: also give ``margin`` = score(chosen) - score(rejected) (TRL's reward loss uses a
-            ``margin`` column whenever present, so it is opt-in).
-
-    Raises:
-        ValueError: ``ranking`` is not a permutation of the response indices.
-
-    >>> rec = {"prompt": "What is 2 + 2?", "responses": ["5", "4", ""], "ranking": [1, 0, 2]}
-    >>> [(p["chosen"], p["rejected"]) for p in to_pairs(rec)]
-    [('4', '5'), ('4', ''), ('5', '')]
-    """
-    responses, ranking = record["responses"], record["ranking"]
-    if sorted(ranking) != list(range(len(responses))):
-        raise ValueError(
-            f"record {record.get('id', '')!r}: 'ranking' {ranking} is not a permutation of 0..{len(responses) - 1}"
-        )
-    scores = record.get("scores")
-    pairs = []
-    for a, i in enumerate(ranking):
-        for j in ranking[a + 1 :]:
-            if scores is not None and scores[i] == scores[j]:
-                continue
-            pair = {"prompt": record["prompt"], "chosen": responses[i], "rejected": responses[j]}
-            if margin and scores is not None:
-                pair["margin"] = float(scores[i]) - float(scores[j])
-            pairs.append(pair)
-    return pairs
-
-
 # ----------------------------------------------------------------------------- generation
 
 
@@ -368,7 +163,7 @@ class _Prompt:
     def text(self) -> str:
         fam = FAMILIES[self.kind]
         fields_ = (
-            {"w": self.item[0], "s": _spaced(self.item[0])}
+            {"w": self.item[0], "s": spaced(self.item[0])}
             if fam.items == "words"
             else {"a": self.item[0], "b": self.item[1]}
         )
@@ -508,7 +303,7 @@ def _ppo_record(p: _Prompt) -> dict[str, Any]:
 def _reward_record(p: _Prompt, cfg: TasksConfig, rng: random.Random) -> dict[str, Any]:
     rec = {"prompt": p.text, "task": p.kind, "answer": p.answer, "id": p.id}
     k = cfg.responses_per_prompt
-    responses, scores = _ranked_candidates(rec, k, rng, load_words(), cfg.malformed_candidates)
+    responses, scores = ranked_candidates(rec, k, rng, load_words(), cfg.malformed_candidates)
     ranking = sorted(range(k), key=lambda i: (-scores[i], i))
     return {"prompt": p.text, "responses": responses, "ranking": ranking, "scores": scores, **rec}
 

@@ -1,11 +1,16 @@
 """PPO for language models (our own implementation on accelerate / DeepSpeed).
 
 - :mod:`pipeline.rl.gae`: masked statistics, whitening, GAE advantages and returns;
-- :mod:`pipeline.rl.losses`: clipped policy and value losses, entropy, log-probs, explained variance;
+- :mod:`pipeline.rl.losses`: clipped policy and value losses, explained variance;
 - :mod:`pipeline.rl.kl`: per-token KL penalty, fixed and adaptive KL controllers;
-- :mod:`pipeline.rl.rollout`: the ``Rollout`` record, KV-cache generation, scoring with masks and left padding;
-- :mod:`pipeline.rl.trainer`: ``PPOTrainer``, the loop with checkpoints and resume;
-- :mod:`pipeline.rl.components`: model loading, prompt rendering, held-out evaluation, artifact saving.
+- :mod:`pipeline.rl.rollout`: the ``Rollout`` record and the policy + value model as one trained module;
+- :mod:`pipeline.rl.engine`: the optimiser and schedule, DeepSpeed settings, ZeRO-3 gathering for generation;
+- :mod:`pipeline.rl.trainer`: ``PPOTrainer``, the loop with checkpoints and resume (takes one
+  :class:`~pipeline.reward.scorer.RewardScorer`);
+- :mod:`pipeline.rl.evaluation`: held-out greedy answers of the policy and the SFT model, scored;
+- :mod:`pipeline.rl.components`: model loading, prompt rendering, artifact saving, curves.
+
+Generation, log-probs and padding come from :mod:`pipeline.lm`, the reward from :mod:`pipeline.reward`.
 
 Run it as a stage: ``accelerate launch --config_file configs/accelerate/cpu.yaml -m stages.ppo --config configs/tiny.yaml``.
 """

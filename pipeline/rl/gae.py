@@ -108,37 +108,32 @@ def compute_gae(
     return advantages, returns
 
 
-def group_advantages(
-    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def group_advantages(returns: torch.Tensor, mask: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Leave-one-out advantages over several samples of one prompt (RLOO, Ahmadian et al. 2024), no critic.
 
-    Each response's return is its score minus the KL penalty summed over its tokens; its advantage is that
-    return minus the mean return of the other ``group_size - 1`` samples of the same prompt, the same for
-    every token of the response. Rows come in groups: rows ``g * group_size .. (g + 1) * group_size - 1``
-    answer one prompt.
+    Each response's advantage is its return (:func:`pipeline.rl.kl.sequence_returns`: the score minus the KL
+    penalty summed over its tokens) minus the mean return of the other ``group_size - 1`` samples of the same
+    prompt, the same for every token of the response. Rows come in groups: rows
+    ``g * group_size .. (g + 1) * group_size - 1`` answer one prompt.
 
     Args:
-        scores: ``(B,)`` sequence-level scores.
-        kl: ``(B, T)`` per-token KL estimates (0 on padding).
+        returns: ``(B,)`` sequence-level returns.
         mask: ``(B, T)`` 1 on response tokens.
-        kl_coef: beta.
         group_size: samples per prompt (>= 2, divides B).
 
     Returns:
         ``(advantages, returns)``, both ``(B, T)``: the advantage and the return broadcast over each
         response's tokens, 0 where ``mask`` is 0.
 
-    >>> adv, ret = group_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), torch.zeros(4, 2), torch.ones(4, 2), 0.1, 2)
+    >>> adv, ret = group_advantages(torch.tensor([1.0, 0.0, 3.0, 3.0]), torch.ones(4, 2), 2)
     >>> adv[:, 0].tolist(), ret[:, 1].tolist()
     ([1.0, -1.0, 0.0, 0.0], [1.0, 0.0, 3.0, 3.0])
     """
-    B = scores.shape[0]
+    B = returns.shape[0]
     if group_size < 2 or B % group_size:
         raise ValueError(f"group_advantages: group_size={group_size} must be >= 2 and divide the batch of {B}")
-    m = mask.to(kl.dtype)
-    ret = scores.to(kl.dtype) - kl_coef * (kl * m).sum(1)
-    grouped = ret.view(-1, group_size)
+    m = mask.to(returns.dtype)
+    grouped = returns.view(-1, group_size)
     baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
     adv = (grouped - baseline).view(B)
-    return adv.unsqueeze(1) * m, ret.unsqueeze(1) * m
+    return adv.unsqueeze(1) * m, returns.unsqueeze(1) * m

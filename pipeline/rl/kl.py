@@ -66,6 +66,17 @@ def compute_rewards(
     return rewards, kl
 
 
+def sequence_returns(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-response returns ``(B,)`` without a critic: the score minus ``kl_coef`` times the KL summed over the
+    response's tokens (the sum of :func:`compute_rewards`' per-token rewards, for group advantages).
+
+    >>> sequence_returns(torch.tensor([1.0]), torch.tensor([[0.5, 0.5, 9.0]]), torch.tensor([[1, 1, 0]]), 0.5)
+    tensor([0.5000])
+    """
+    m = mask.to(kl.dtype)
+    return scores.to(kl.dtype) - kl_coef * (kl * m).sum(1)
+
+
 @dataclass
 class FixedKLController:
     """A constant KL coefficient."""

@@ -11,11 +11,10 @@ tokens, 0 on the padding after its end), so tokens after the end of a response n
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .gae import masked_mean, masked_var
 
-__all__ = ["policy_loss", "value_loss", "entropy_from_logits", "logprobs_from_logits", "explained_variance"]
+__all__ = ["policy_loss", "value_loss", "explained_variance"]
 
 
 def policy_loss(
@@ -85,22 +84,6 @@ def value_loss(
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((err_clipped > err).float(), mask)}
     return loss, stats
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Log-probability of each token: ``(B, T, V)`` logits, ``(B, T)`` tokens -> ``(B, T)``.
-
-    Computed as ``logit[token] - logsumexp(logits)`` so the ``(B, T, V)`` log-softmax is never
-    materialised (it is the largest tensor of a PPO step).
-    """
-    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position: ``(B, T, V)`` -> ``(B, T)``."""
-    logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

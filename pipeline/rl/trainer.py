@@ -29,7 +29,7 @@ Departures (each deliberate):
 
 Usage::
 
-    trainer = PPOTrainer(cfg.ppo, accelerator, policy, value_model, ref_model, reward_model,
+    trainer = PPOTrainer(cfg.ppo, accelerator, policy, value_model, ref_model, load_scorer(reward_dir),
                          stop_ids=[end_id, eos_id], pad_id=pad_id, reward_stats={"mean": 0.1, "std": 1.2})
     trainer.fit(prompt_ids, stage_dir)          # resumes from stage_dir's latest checkpoint if asked
 """
@@ -39,10 +39,9 @@ from __future__ import annotations
 import logging
 import math
 import random
-import signal
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -51,58 +50,24 @@ from torch import nn
 
 from pipeline.checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
 from pipeline.config import PPOStageConfig
+from pipeline.lm import disable_dropout, fuse_activations, generate, left_pad, response_logprobs
+from pipeline.reward.scorer import RewardScorer
 from pipeline.runs import StageDir, StageError
+from pipeline.training import Interrupted, StopSignal
 
+from .engine import build_optimizer, frozen_placement, gathered_policy, is_deepspeed
 from .gae import compute_gae, group_advantages, masked_mean, masked_var, masked_whiten
-from .kl import compute_rewards, make_kl_controller
+from .kl import compute_rewards, make_kl_controller, sequence_returns
 from .losses import explained_variance, policy_loss, value_loss
-from .rollout import (
-    PolicyAndValue,
-    Rollout,
-    disable_dropout,
-    ensure_end_token,
-    fuse_activations,
-    generate,
-    left_pad,
-    response_logprobs,
-    sequence_scores,
-)
+from .rollout import PolicyAndValue, Rollout
 
-__all__ = ["PPOTrainer", "ScoreFn", "PPOInterrupted", "frozen_placement"]
+__all__ = ["PPOTrainer"]
 
 log = logging.getLogger(__name__)
 
-ScoreFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(query_ids, query_mask, response_ids, response_mask) -> (B,) raw scores: a programmatic reward."""
-
-
-class PPOInterrupted(RuntimeError):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved at ``step``."""
-
-    def __init__(self, step: int, signum: int) -> None:
-        super().__init__(f"interrupted by signal {signum} after step {step}; checkpoint saved, run again to resume")
-        self.step = step
-        self.signum = signum
-
-
-def _is_zero3(accelerator: Any) -> bool:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return plugin is not None and plugin.zero_stage == 3
-
-
-def _is_deepspeed(accelerator: Any) -> bool:
-    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
-
-
-def frozen_placement(cfg: PPOStageConfig, device: torch.device) -> tuple[torch.device, torch.dtype]:
-    """Where and in which dtype the frozen models run: ``ppo.frozen_device`` (``auto``: ``device``, the training
-    device) and ``ppo.reference_dtype``."""
-    frozen = torch.device("cpu") if cfg.frozen_device == "cpu" else device
-    return frozen, torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
-
 
 class PPOTrainer:
-    """PPO for a Hugging Face causal LM against a reward model (or a programmatic ``score_fn``).
+    """PPO for a Hugging Face causal LM against a reward model (any :class:`~pipeline.reward.scorer.RewardScorer`).
 
     Args:
         cfg: the ``ppo`` config section.
@@ -111,11 +76,11 @@ class PPOTrainer:
         value_model: sequence-classification model to train as the critic (initialised from the reward model);
             None with ``advantage: group``, which needs none.
         ref_model: frozen causal LM (the SFT model).
-        reward_model: frozen sequence-classification model, or None when ``score_fn`` is given.
+        scorer: the frozen reward model: a scalar head, DPO's implicit reward, the task checker or a function.
         stop_ids: token ids that end a response (``<|end|>`` first).
         pad_id: padding id.
-        reward_stats: ``{"mean", "std"}`` of the reward model's scores on SFT samples (reward_stats.json).
-        score_fn: replaces the reward model (tests and programmatic rewards).
+        reward_stats: ``{"mean", "std"}`` of the reward model's scores on SFT samples (reward_stats.json); they
+            normalise the scorer's rewards when it asks for it (``scorer.normalised``) and the value model's outputs.
         seed: seeds the minibatch shuffles.
     """
 
@@ -126,15 +91,12 @@ class PPOTrainer:
         policy: nn.Module,
         value_model: nn.Module | None,
         ref_model: nn.Module,
-        reward_model: nn.Module | None,
+        scorer: RewardScorer,
         stop_ids: list[int],
         pad_id: int,
         reward_stats: dict[str, float] | None = None,
-        score_fn: ScoreFn | None = None,
         seed: int = 0,
     ) -> None:
-        if reward_model is None and score_fn is None:
-            raise ValueError("PPOTrainer needs a reward_model or a score_fn")
         if (value_model is None) != (cfg.advantage == "group"):
             need = "no value_model" if cfg.advantage == "group" else "a value_model"
             raise ValueError(f"PPOTrainer: advantage={cfg.advantage!r} needs {need}")
@@ -143,47 +105,29 @@ class PPOTrainer:
         self.stop_ids = list(stop_ids)
         self.pad_id = int(pad_id)
         self.reward_stats = reward_stats or {"mean": 0.0, "std": 1.0}
-        self.score_fn = score_fn
         self.device = accelerator.device
-        for m in (policy, value_model, ref_model, reward_model):
+        for m in (policy, value_model, ref_model):
             if m is not None:
                 disable_dropout(m)
                 fuse_activations(m)
         frozen_device, dtype = frozen_placement(cfg, self.device)
         self.ref_model = self._freeze(ref_model, frozen_device, dtype)
-        self.reward_model = self._freeze(reward_model, frozen_device, dtype) if reward_model is not None else None
+        scorer.prepare_for_rl()
+        scorer.place(frozen_device, dtype)
+        self.scorer = scorer
 
         # (score - shift) / scale: the reward model's score normalised with its saved statistics. The value
-        # model (initialised from the reward model) is put on the same scale, also under a score_fn, whose
-        # rewards are left as they are
+        # model (initialised from the reward model) is put on the same scale, also when the scorer's own
+        # rewards are left as they are (implicit rewards, the checker)
         shift, scale = 0.0, 1.0
         if cfg.reward_norm != "none":
             shift = float(self.reward_stats["mean"])
             if cfg.reward_norm == "standardize":
                 scale = max(float(self.reward_stats.get("std", 1.0)), 1e-8)
-        self.reward_shift, self.reward_scale = (shift, scale) if score_fn is None else (0.0, 1.0)
+        self.reward_shift, self.reward_scale = (shift, scale) if scorer.normalised else (0.0, 1.0)
         model = PolicyAndValue(policy, value_model, shift, scale)
-        groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]
-        if value_model is not None:
-            groups.append(
-                {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_lr or cfg.lr}
-            )
-        optimizer = torch.optim.AdamW(
-            groups,
-            eps=cfg.adam_eps,
-            weight_decay=0.0,
-            # one fused kernel for all tensors (DeepSpeed steps its own flat partitions, so it gets the plain one)
-            **({} if _is_deepspeed(accelerator) else {"fused": True}),
-        )
         self.updates_per_step = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.minibatch_size)
-        scheduler = _make_scheduler(cfg, optimizer, cfg.steps * self.updates_per_step)
-        if _is_deepspeed(accelerator):
-            # our loop has no dataloader: DeepSpeed's "auto" batch keys are set here, before prepare
-            ds = accelerator.state.deepspeed_plugin.deepspeed_config
-            ds["train_micro_batch_size_per_gpu"] = cfg.minibatch_size
-            ds["gradient_accumulation_steps"] = 1
-            ds["gradient_clipping"] = cfg.grad_clip
-            ds["train_batch_size"] = cfg.minibatch_size * accelerator.num_processes
+        optimizer, scheduler = build_optimizer(cfg, accelerator, policy, value_model, cfg.steps * self.updates_per_step)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.generator = torch.Generator().manual_seed(seed)
@@ -196,40 +140,31 @@ class PPOTrainer:
         self.minibatch_stats: list[dict[str, float]] = []
         """Per-minibatch statistics of the last update, in order (the first has ratio 1)."""
 
-    # ------------------------------------------------------------------ models
-
     @staticmethod
     def _freeze(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
         model.requires_grad_(False)
         model.eval()
         return model.to(device=device, dtype=dtype)
 
-    def _frozen_call(self, fn: Callable[..., torch.Tensor], model: nn.Module, *tensors: torch.Tensor) -> torch.Tensor:
-        dev = next(model.parameters()).device
-        return fn(model, *(t.to(dev) for t in tensors)).float().to(self.device)
+    def sample(self, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Responses sampled with the rollout settings (``ppo.temperature``, ``top_k``, ``top_p``)."""
+        c = self.cfg
+        return generate(policy, query_ids, query_mask, c.max_new_tokens, self.stop_ids, self.pad_id,
+                        do_sample=True, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)  # fmt: skip
+
+    def ref_logprobs(self, *rollout: torch.Tensor) -> torch.Tensor:
+        """Log-probs ``(B, T)`` (float32, on the training device) of responses under the frozen reference."""
+        dev = next(self.ref_model.parameters()).device
+        lp = response_logprobs(self.ref_model, *(t.to(dev) for t in rollout), temperature=self.cfg.temperature)
+        return lp.float().to(self.device)
 
     @property
     def unwrapped(self) -> PolicyAndValue:
         return self.accelerator.unwrap_model(self.model)
 
-    @contextmanager
-    def _generation_model(self) -> Any:
-        """The policy ready for ``generate``: under ZeRO-3 its shards are gathered once for the whole rollout."""
-        if _is_zero3(self.accelerator):
-            import deepspeed
-            from trl.models.utils import add_hooks, remove_hooks
-
-            policy = self.unwrapped.policy
-            # one all-gather of the policy's shards per rollout; ZeRO's per-module fetch hooks are
-            # taken off meanwhile, or every decoding step would gather (and release) every layer again
-            with deepspeed.zero.GatheredParameters(list(policy.parameters())):
-                remove_hooks(self.model)
-                try:
-                    yield policy
-                finally:
-                    add_hooks(self.model)
-        else:
-            yield self.unwrapped.policy
+    def _generation_model(self) -> AbstractContextManager[nn.Module]:
+        """The policy ready for ``generate`` (under ZeRO-3 its shards are gathered once for the whole rollout)."""
+        return gathered_policy(self.model, self.unwrapped.policy, self.accelerator)
 
     # ------------------------------------------------------------------ rollout
 
@@ -241,12 +176,8 @@ class PPOTrainer:
     def score(
         self, query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
     ) -> torch.Tensor:
-        """Raw scores ``(B,)`` of prompt+response(+``<|end|>`` when it is missing) by the reward model (or ``score_fn``)."""
-        if self.score_fn is not None:
-            return self.score_fn(query_ids, query_mask, response_ids, response_mask).float().to(self.device)
-        assert self.reward_model is not None
-        ids, mask = ensure_end_token(response_ids, response_mask, self.stop_ids, self.pad_id)
-        return self._frozen_call(sequence_scores, self.reward_model, query_ids, query_mask, ids, mask)
+        """Raw scores ``(B,)`` of prompt+response by the scorer (a model scorer appends ``<|end|>`` where missing)."""
+        return self.scorer.score_ids(query_ids, query_mask, response_ids, response_mask).float().to(self.device)
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """The reward model's score normalised with its saved statistics (``ppo.reward_norm``)."""
@@ -258,29 +189,14 @@ class PPOTrainer:
         c = self.cfg
         query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
         with self._generation_model() as policy:
-            response_ids, response_mask, ended = generate(
-                policy,
-                query_ids,
-                query_mask,
-                c.max_new_tokens,
-                self.stop_ids,
-                self.pad_id,
-                do_sample=True,
-                temperature=c.temperature,
-                top_k=c.top_k,
-                top_p=c.top_p,
-            )
+            response_ids, response_mask, ended = self.sample(policy, query_ids, query_mask)
         parts: dict[str, list[torch.Tensor]] = {"lp": [], "v": [], "ref": [], "raw": []}
         for sl in self._chunks(len(query_ids)):
             q, qm, r, rm = query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl]
             lp, v, _ = self.model(q, qm, r, rm, temperature=c.temperature)
             parts["lp"].append(lp)
             parts["v"].append(v)
-            parts["ref"].append(
-                self._frozen_call(
-                    lambda m, *t: response_logprobs(m, *t, temperature=c.temperature), self.ref_model, q, qm, r, rm
-                )
-            )
+            parts["ref"].append(self.ref_logprobs(q, qm, r, rm))
             parts["raw"].append(self.score(q, qm, r, rm))
         mask = response_mask.float()
         raw = torch.cat(parts["raw"])
@@ -329,7 +245,7 @@ class PPOTrainer:
                 "the last good checkpoint is kept. Lower ppo.lr or check the reward model's scores."
             )
         self.accelerator.backward(loss)
-        if c.grad_clip > 0 and not _is_deepspeed(self.accelerator):  # DeepSpeed clips inside its step
+        if c.grad_clip > 0 and not is_deepspeed(self.accelerator):  # DeepSpeed clips inside its step
             self.accelerator.unscale_gradients()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip, foreach=True)
         self.optimizer.step()
@@ -343,7 +259,9 @@ class PPOTrainer:
         mask = ro.response_mask
         rewards, kl = compute_rewards(ro.scores, ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value)
         if c.advantage == "group":
-            advantages, returns = group_advantages(ro.scores, kl, mask, self.kl_ctl.value, c.samples_per_prompt)
+            advantages, returns = group_advantages(
+                sequence_returns(ro.scores, kl, mask, self.kl_ctl.value), mask, c.samples_per_prompt
+            )
         else:
             advantages, returns = compute_gae(rewards, ro.values, mask, c.gamma, c.lam)
         if c.whiten_advantages:
@@ -446,7 +364,7 @@ class PPOTrainer:
             The metrics of each step run by this call.
 
         Raises:
-            PPOInterrupted: a signal arrived; a checkpoint was saved first.
+            Interrupted: a signal arrived; a checkpoint was saved first.
         """
         c = self.cfg
         if not prompts:
@@ -460,7 +378,7 @@ class PPOTrainer:
         random.Random(self.seed).shuffle(order)
         history: list[dict[str, float]] = []
         t_start = time.time()
-        with _signal_flag() as stop:
+        with StopSignal() as stop:
             while self.step < c.steps:
                 q, qm = self._prompt_batch(prompts, order)
                 stats = self.train_step(q, qm)
@@ -486,80 +404,13 @@ class PPOTrainer:
                     )
                 self.prior_wall_time_s += time.time() - t_start
                 t_start = time.time()
-                interrupted = self._any_process(stop.get("signum", 0))
+                interrupted = stop.any_process(self.accelerator)
                 if stage_dir is not None and (self.step % c.ckpt_interval == 0 or interrupted or self.step == c.steps):
                     self.save(stage_dir)
                 if interrupted:
-                    raise PPOInterrupted(self.step, int(interrupted))
+                    where = stage_dir.checkpoints if stage_dir is not None else "(no stage folder)"
+                    raise Interrupted("ppo", self.step, interrupted, where)
         return history
-
-    def _any_process(self, value: int) -> int:
-        if self.accelerator.num_processes == 1:
-            return value
-        t = torch.tensor([value], device=self.device)
-        return int(self.accelerator.reduce(t, reduction="sum").item())
-
-    # ------------------------------------------------------------------ held-out evaluation
-
-    @torch.no_grad()
-    def evaluate(self, prompts: list[list[int]]) -> list[dict[str, Any]]:
-        """Greedy answers of the policy and of the reference (SFT) model to this process's held-out prompts,
-        both scored, and the KL of sampled policy responses against the reference.
-
-        Under ZeRO-3 every process must pass the same number of prompts (forwards are collective).
-
-        Returns:
-            Per prompt: ``policy_ids``/``sft_ids`` (response token ids, stop token excluded),
-            ``policy_score``/``sft_score`` (raw scores), ``kl`` (sum over the sampled response's tokens)
-            and ``policy_ended``.
-        """
-        c = self.cfg
-        out: list[dict[str, Any]] = []
-        ref_dev = next(self.ref_model.parameters()).device
-        for start in range(0, len(prompts), c.rollout_batch_size):
-            q, qm = left_pad(prompts[start : start + c.rollout_batch_size], self.pad_id, self.device)
-            with self._generation_model() as policy:
-                r, rm, ended = generate(policy, q, qm, c.max_new_tokens, self.stop_ids, self.pad_id, do_sample=False)
-                rs, rms, _ = generate(
-                    policy,
-                    q,
-                    qm,
-                    c.max_new_tokens,
-                    self.stop_ids,
-                    self.pad_id,
-                    do_sample=True,
-                    temperature=c.temperature,
-                    top_k=c.top_k,
-                    top_p=c.top_p,
-                )
-            r0, rm0, _ = generate(
-                self.ref_model,
-                q.to(ref_dev),
-                qm.to(ref_dev),
-                c.max_new_tokens,
-                self.stop_ids,
-                self.pad_id,
-                do_sample=False,
-            )
-            r0, rm0 = r0.to(self.device), rm0.to(self.device)
-            lp, _, _ = self.model(q, qm, rs, rms, temperature=c.temperature)
-            ref_lp = self._frozen_call(
-                lambda m, *t: response_logprobs(m, *t, temperature=c.temperature), self.ref_model, q, qm, rs, rms
-            )
-            kl = ((lp.float() - ref_lp) * rms).sum(1)
-            scores, sft_scores = self.score(q, qm, r, rm), self.score(q, qm, r0, rm0)
-            for i in range(len(q)):
-                out.append(
-                    {
-                        "policy_ids": _answer_ids(r[i], rm[i], self.stop_ids),
-                        "sft_ids": _answer_ids(r0[i], rm0[i], self.stop_ids),
-                        "policy_score": scores[i].item(),
-                        "sft_score": sft_scores[i].item(),
-                        "kl": kl[i].item(),
-                        "policy_ended": bool(ended[i]),
-                    }
-                )
-        return out
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -593,35 +444,3 @@ class PPOTrainer:
         if full is None:  # ZeRO-3 consolidates on the main process only
             return {}
         return {k[len("policy.") :]: v for k, v in full.items() if k.startswith("policy.")}
-
-
-def _answer_ids(ids: torch.Tensor, mask: torch.Tensor, stop_ids: list[int]) -> list[int]:
-    return [t for t in ids[mask.bool()].tolist() if t not in stop_ids]
-
-
-@contextmanager
-def _signal_flag() -> Any:
-    """Record SIGTERM/SIGINT in a dict instead of dying, so the loop can checkpoint first."""
-    flag: dict[str, int] = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        flag["signum"] = signum
-        log.warning("signal %d received: saving a checkpoint after this step", signum)
-
-    try:
-        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    except ValueError:  # not the main thread: no handlers
-        old = {}
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _make_scheduler(cfg: PPOStageConfig, optimizer: torch.optim.Optimizer, total: int) -> Any:
-    from transformers import get_scheduler
-
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]
-    warmup = cfg.warmup_steps * (total // max(cfg.steps, 1))  # warmup_steps counts PPO steps
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)

@@ -31,7 +31,7 @@ def _body(ctx: StageContext) -> StageResult:
     if os.environ.get("FAKE_FAIL") == stage:
         os._exit(7)
     latest = ctx.dir.latest_checkpoint()
-    start = int(json.loads((latest / "state.json").read_text())["step"]) if latest else 0
+    start = int(json.loads((latest / "trainer_state.json").read_text())["step"]) if latest else 0
     if os.environ.get("FAKE_LOG"):
         with open(os.environ["FAKE_LOG"], "a") as f:
             f.write(f"{stage} {start}\n")
@@ -40,7 +40,7 @@ def _body(ctx: StageContext) -> StageResult:
     payload_stage, _, payload = os.environ.get("FAKE_PAYLOAD", ":0").partition(":")
     for step in range(start + 1, steps + 1):
         with ctx.dir.writing_checkpoint(step, keep=2) as tmp:
-            (tmp / "state.json").write_text(json.dumps({"step": step, "max_steps": steps}))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "max_steps": steps}))
             if payload_stage == stage:
                 (tmp / "optimizer.bin").write_bytes(b"\0" * int(payload))
         ctx.dir.append_metrics({"step": step, "train/loss": 3.0 / step})

@@ -1,11 +1,12 @@
-"""pipeline.evaluate: chat generation (left padding, stop at <|end|>) and checker accuracy."""
+"""pipeline.lm: chat generation (left padding, stop at <|end|>); pipeline.analysis.checker: checker accuracy."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pipeline.evaluate import _decode_answer, checker_accuracy, generate_responses, stop_token_ids
+from pipeline.analysis.checker import checker_accuracy
+from pipeline.lm import decode_answer, generate_responses, stop_token_ids
 from tests.helpers_artifacts import make_tiny_lm, make_tokenizer
 
 
@@ -70,7 +71,7 @@ def test_decode_cuts_at_first_stop_and_drops_special_tokens(tok):
     end = tok.convert_tokens_to_ids("<|end|>")
     hi = tok("hi", add_special_tokens=False)["input_ids"]
     user = tok.convert_tokens_to_ids("<|user|>")
-    assert _decode_answer(tok, hi + [user] + hi + [end] + hi, {end}) == "hihi"
+    assert decode_answer(tok, hi + [user] + hi + [end] + hi, {end}) == "hihi"
 
 
 def test_sampling_is_reproducible_with_seed_and_restores_rng(tok, lm):

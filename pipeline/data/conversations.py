@@ -1,4 +1,4 @@
-"""Q&A records for SFT: every accepted schema normalised to chat ``messages``.
+"""Conversations for SFT: Q&A records of every accepted schema normalised to chat ``messages``.
 
 Accepted record schemas (DESIGN.md, "Data"), tried in this order:
 
@@ -9,8 +9,8 @@ Accepted record schemas (DESIGN.md, "Data"), tried in this order:
 ``instruction`` / ``output`` strings, with an optional ``input`` appended to the instruction
 ==========================  ==============================================================
 
-Each becomes ``{"messages": [...], **passthrough}`` where the passthrough keeps ``task``, ``answer``
-and ``id`` (what the generated tasks' checker needs). A record that fits no schema raises
+Each becomes a :class:`ChatRecord` ``{"messages": [...], **passthrough}`` where the passthrough keeps ``task``,
+``answer`` and ``id`` (what the generated tasks' checker needs). A record that fits no schema raises
 :class:`~pipeline.data.records.BadRecord` naming the location (file and line/row) and the field;
 with ``on_bad_record: skip`` it is skipped and counted instead.
 
@@ -22,66 +22,33 @@ with ``on_bad_record: skip`` it is skipped and counted instead.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pipeline.config import DatasetSpec, TasksConfig
-from pipeline.data.records import BadRecord, Record, load_train_and_held_out
+from pipeline.data.loader import Split, SplitRules, load_split
+from pipeline.data.records import ROLES, BadRecord, Message, Record, TaskFields, chat_turns, record_text
 
-__all__ = ["ROLES", "SCHEMAS", "SFTData", "normalise_chat", "load_sft_data", "last_user_prompt"]
+__all__ = ["ROLES", "SCHEMAS", "ChatRecord", "SFTData", "normalise_chat", "load_sft_data", "last_user_prompt"]
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant")
 SCHEMAS = "messages | prompt+completion | question+answer | instruction(+input)+output"
 _PASSTHROUGH = ("task", "answer", "id")
 
 
-@dataclass
-class SFTData:
-    """The SFT records of a run, normalised to ``messages``."""
+class ChatRecord(TaskFields):
+    """An SFT record: a conversation ending with the assistant turn to learn."""
 
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
-    skipped: int = 0
-    """Bad records skipped (``on_bad_record: skip``), train and eval sources together."""
-    source: str = ""
+    messages: list[Message]
 
 
-def _text(value: Any, field: str, where: str, allow_empty: bool = False) -> str:
-    if value is None:
-        raise BadRecord(f"{where}: field '{field}' is missing (null)")
-    if not isinstance(value, str):
-        raise BadRecord(f"{where}: field '{field}' must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise BadRecord(f"{where}: field '{field}' is empty")
-    return value
+SFTData = Split[ChatRecord]
+"""The SFT records of a run (:func:`load_sft_data`)."""
+_RULES: SplitRules[ChatRecord] = SplitRules("SFT records", ("sft_train", "sft_eval"))
 
 
-def _turns(value: Any, field: str, where: str) -> list[dict[str, str]]:
-    """Validate a list of chat turns (``field`` names it in errors, e.g. ``messages``)."""
-    if hasattr(value, "tolist"):  # numpy arrays from parquet/datasets
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)) or not value:
-        raise BadRecord(f"{where}: field '{field}' must be a non-empty list of {{role, content}} turns")
-    turns = []
-    for i, turn in enumerate(value):
-        f = f"{field}[{i}]"
-        if not isinstance(turn, dict):
-            raise BadRecord(
-                f"{where}: field '{f}' must be an object with 'role' and 'content', got {type(turn).__name__}"
-            )
-        role = turn.get("role")
-        if role not in ROLES:
-            raise BadRecord(f"{where}: field '{f}.role' is {role!r}, expected one of {', '.join(ROLES)}")
-        turns.append(
-            {"role": role, "content": _text(turn.get("content"), f"{f}.content", where, allow_empty=role == "system")}
-        )
-    return turns
-
-
-def _from_messages(data: dict[str, Any], where: str) -> list[dict[str, str]]:
-    turns = _turns(data["messages"], "messages", where)
+def _from_messages(data: dict[str, Any], where: str) -> list[Message]:
+    turns = chat_turns(data["messages"], "messages", where)
     if not any(t["role"] == "assistant" for t in turns):
         raise BadRecord(f"{where}: field 'messages' has no assistant turn to train on")
     if turns[-1]["role"] != "assistant":
@@ -89,43 +56,46 @@ def _from_messages(data: dict[str, Any], where: str) -> list[dict[str, str]]:
     return turns
 
 
-def _from_prompt_completion(data: dict[str, Any], where: str) -> list[dict[str, str]]:
+def _from_prompt_completion(data: dict[str, Any], where: str) -> list[Message]:
     if "completion" not in data:
         raise BadRecord(f"{where}: record has 'prompt' but no field 'completion' (schemas: {SCHEMAS})")
     prompt, completion = data["prompt"], data["completion"]
     if isinstance(prompt, str) or prompt is None:
-        turns = [{"role": "user", "content": _text(prompt, "prompt", where)}]
+        turns = [{"role": "user", "content": record_text(prompt, "prompt", where)}]
     else:
-        turns = _turns(prompt, "prompt", where)
+        turns = chat_turns(prompt, "prompt", where)
     if isinstance(completion, str) or completion is None:
-        turns.append({"role": "assistant", "content": _text(completion, "completion", where)})
+        turns.append({"role": "assistant", "content": record_text(completion, "completion", where)})
     else:
-        done = _turns(completion, "completion", where)
+        done = chat_turns(completion, "completion", where)
         if done[-1]["role"] != "assistant":
             raise BadRecord(f"{where}: field 'completion' must end with an assistant turn")
         turns.extend(done)
     return turns
 
 
-def _from_question_answer(data: dict[str, Any], where: str) -> list[dict[str, str]]:
+def _from_question_answer(data: dict[str, Any], where: str) -> list[Message]:
     if "answer" not in data:
         raise BadRecord(f"{where}: record has 'question' but no field 'answer' (schemas: {SCHEMAS})")
     return [
-        {"role": "user", "content": _text(data["question"], "question", where)},
-        {"role": "assistant", "content": _text(_scalar(data["answer"]), "answer", where)},
+        {"role": "user", "content": record_text(data["question"], "question", where)},
+        {"role": "assistant", "content": record_text(_scalar(data["answer"]), "answer", where)},
     ]
 
 
-def _from_instruction(data: dict[str, Any], where: str) -> list[dict[str, str]]:
+def _from_instruction(data: dict[str, Any], where: str) -> list[Message]:
     if "output" not in data:
         raise BadRecord(f"{where}: record has 'instruction' but no field 'output' (schemas: {SCHEMAS})")
-    user = _text(data["instruction"], "instruction", where)
+    user = record_text(data["instruction"], "instruction", where)
     extra = data.get("input")
     if extra is not None:
-        extra = _text(extra, "input", where, allow_empty=True)
+        extra = record_text(extra, "input", where, allow_empty=True)
         if extra.strip():
             user = f"{user}\n\n{extra}"  # Alpaca's layout: instruction, blank line, input
-    return [{"role": "user", "content": user}, {"role": "assistant", "content": _text(data["output"], "output", where)}]
+    return [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": record_text(data["output"], "output", where)},
+    ]
 
 
 def _scalar(value: Any) -> Any:
@@ -133,7 +103,7 @@ def _scalar(value: Any) -> Any:
     return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
-def normalise_chat(rec: Record) -> dict[str, Any]:
+def normalise_chat(rec: Record) -> ChatRecord:
     """Normalise one record of any accepted schema to ``{"messages": [...], task?, answer?, id?}``.
 
     Raises:
@@ -157,10 +127,10 @@ def normalise_chat(rec: Record) -> dict[str, Any]:
     for key in _PASSTHROUGH:
         if data.get(key) is not None and not (key == "answer" and "task" not in data):
             out[key] = _scalar(data[key]) if key == "answer" else data[key]
-    return out
+    return cast(ChatRecord, out)
 
 
-def last_user_prompt(record: dict[str, Any]) -> str:
+def last_user_prompt(record: ChatRecord) -> str:
     """The last user message before the final assistant turn: the held-out prompt of a record."""
     users = [m["content"] for m in record["messages"][:-1] if m["role"] == "user"]
     return users[-1] if users else ""
@@ -172,20 +142,11 @@ def load_sft_data(spec: DatasetSpec, tasks: TasksConfig, seed: int) -> SFTData:
     ``source: default`` uses the generated tasks (``generate_tasks(tasks).sft_train/sft_eval``). A file
     or ``hub:<name>`` source takes its held-out set from ``eval_source`` (split ``eval_split``, default
     ``split``) or, when that is empty, carves ``eval_fraction`` off the training records with a seeded
-    shuffle.
+    shuffle (``pipeline.data.loader``).
 
     Raises:
-        BadRecord: a bad record in ``on_bad_record: error`` mode (names file, line/row and field).
+        BadRecord: a bad record in ``on_bad_record: error`` mode (names file, line/row and field), or no
+            usable training record.
         FileNotFoundError: a local source does not exist.
     """
-    if spec.source == "default":
-        from pipeline.data.tasks import generate_tasks
-
-        sets = generate_tasks(tasks)
-        train = [normalise_chat(Record(f"default:sft_train[{i}]", r)) for i, r in enumerate(sets.sft_train)]
-        held = [normalise_chat(Record(f"default:sft_eval[{i}]", r)) for i, r in enumerate(sets.sft_eval)]
-        if spec.max_records:
-            train = train[: spec.max_records]
-        return SFTData(train, held, 0, "default")
-    train, held, skipped = load_train_and_held_out(spec, normalise_chat, seed, "SFT records")
-    return SFTData(train, held, skipped, spec.source)
+    return load_split(spec, normalise_chat, _RULES, tasks, seed)

@@ -12,11 +12,7 @@ greedily by the SFT model and by the PPO policy, this module compares the two ju
   scores the right one higher, with examples where it does not;
 - a verdict: reward up with checker accuracy flat or down means PPO exploited the reward model.
 
-Before PPO, :func:`best_of_k` predicts whether optimising the reward model can raise checker accuracy at
-all: on held-out prompts, it compares the SFT model's greedy accuracy with the accuracy of the sample the
-reward model prefers among ``k`` (best-of-k) and with pass@k (some sample right). PPO moves the policy
-toward what the reward model prefers; when its best-of-k is not above greedy accuracy, PPO has no
-reward-model-visible gain to find, and checker accuracy is expected to fall as the policy moves.
+The best-of-k check before PPO is :mod:`pipeline.analysis.best_of_k`.
 
 Usage::
 
@@ -33,21 +29,19 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from pipeline.data.preferences import expand_comparisons
+from pipeline.data.tasks import check_answer, response_class
+
+from .best_of_k import FLAT
+from .checker import has_checker
+
 __all__ = [
-    "FLAT",
     "rm_vs_checker",
     "format_markdown",
     "pair_accuracy_by_kind",
     "format_pairs",
-    "best_of_k",
-    "format_best_of_k",
-    "best_of_k_reading",
-    "visible_gain",
     "markdown_cell",
 ]
-
-FLAT = 0.02
-"""A change in checker accuracy within this (2 points on 200 prompts: 4 answers) counts as flat."""
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -69,9 +63,6 @@ def rm_vs_checker(
     Returns:
         The summary (see the module docstring), or None when no prompt has a checker.
     """
-    from pipeline.data.tasks import check_answer
-    from pipeline.evaluate import has_checker
-
     rows = [a for a in answers if has_checker(a)]
     if not rows:
         return None
@@ -185,10 +176,6 @@ def pair_accuracy_by_kind(groups: list[Any], rewards: list[list[float]]) -> dict
         ``{task: {pair type: [pairs the reward model orders as the ranking does, pairs]}}`` with an ``all``
         task, or None when no group has a checker.
     """
-    from pipeline.data.preferences import expand_comparisons
-    from pipeline.data.tasks import response_class
-    from pipeline.evaluate import has_checker
-
     out: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for g, r in zip(groups, rewards):
         meta = getattr(g, "meta", None) or {}
@@ -214,104 +201,6 @@ def format_pairs(by_kind: dict[str, dict[str, list[int]]]) -> list[str]:
         cells = [f"{row[t][0] / row[t][1]:.2f} ({row[t][1]})" if t in row and row[t][1] else "-" for t in types]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return lines
-
-
-def best_of_k(
-    records: list[dict[str, Any]], greedy: list[str], samples: list[str], scores: list[float], k: int
-) -> dict[str, dict[str, float | int | None]] | None:
-    """Per task: greedy, sampled and pass@k accuracy of a policy, and what the reward model picks.
-
-    Args:
-        records: prompts with a checker (``task``, ``answer``); others are skipped.
-        greedy: the policy's greedy answer to each record.
-        samples: ``k`` sampled answers per record, record by record.
-        scores: the reward model's score of each sample.
-        k: samples per record.
-
-    Returns:
-        ``{task: {"n", "greedy", "sampled", "pass_at_k", "rm_best_of_k", "rm_auc", "auc_prompts"}}`` with an
-        ``all`` row (accuracies are shares; ``rm_best_of_k`` is the checker accuracy of each prompt's
-        highest-scored sample; ``rm_auc`` how often a right sample outscores a wrong one of the same prompt,
-        ties half, over the ``auc_prompts`` prompts that have both, None without such prompts), or None
-        when no record has a checker.
-    """
-    from pipeline.data.tasks import check_answer
-    from pipeline.evaluate import has_checker
-
-    if len(greedy) != len(records) or len(samples) != len(records) * k or len(scores) != len(samples):
-        raise ValueError(
-            f"best_of_k: {len(records)} records need {len(records)} greedy answers and {len(records) * k} samples "
-            f"and scores (k={k}); got {len(greedy)}, {len(samples)} and {len(scores)}"
-        )
-    acc: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for i, rec in enumerate(records):
-        if not has_checker(rec):
-            continue
-        ok = [check_answer(rec, r) for r in samples[i * k : (i + 1) * k]]
-        sc = scores[i * k : (i + 1) * k]
-        right = [x for x, o in zip(sc, ok) if o]
-        wrong = [x for x, o in zip(sc, ok) if not o]
-        for task in (rec["task"], "all"):
-            a = acc[task]
-            a["n"] += 1
-            a["greedy"] += check_answer(rec, greedy[i])
-            a["sampled"] += sum(ok) / k
-            a["pass_at_k"] += any(ok)
-            a["rm_best_of_k"] += ok[max(range(k), key=lambda j: sc[j])]  # first of equal maxima
-            a["auc_pairs"] += len(right) * len(wrong)
-            a["auc_wins"] += sum((g > b) + 0.5 * (g == b) for g in right for b in wrong)
-            a["auc_prompts"] += bool(right and wrong)
-    if not acc:
-        return None
-    out: dict[str, dict[str, float | int | None]] = {}
-    for task in sorted(acc, key=lambda t: (t == "all", t)):
-        a = acc[task]
-        n = int(a["n"])
-        row: dict[str, Any] = {m: a[m] / n for m in ("greedy", "sampled", "pass_at_k", "rm_best_of_k")}
-        row["rm_auc"] = a["auc_wins"] / a["auc_pairs"] if a["auc_pairs"] else None
-        out[task] = {"n": n, **row, "auc_prompts": int(a["auc_prompts"])}
-    return out
-
-
-def format_best_of_k(table: dict[str, dict[str, Any]], k: int) -> list[str]:
-    """:func:`best_of_k` as a markdown table and a one-line reading of its ``all`` row."""
-    lines = [
-        f"| task | n | greedy | sampled | pass@{k} | reward model's best of {k} | right-vs-wrong AUC (prompts) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for task, r in table.items():
-        auc = "-" if r["rm_auc"] is None else f"{r['rm_auc']:.3f}"
-        lines.append(
-            f"| {task} | {r['n']} | {r['greedy']:.3f} | {r['sampled']:.3f} | {r['pass_at_k']:.3f} | "
-            f"{r['rm_best_of_k']:.3f} | {auc} ({r['auc_prompts']}) |"
-        )
-    return [*lines, "", best_of_k_reading(table["all"], k)]
-
-
-def visible_gain(row: dict[str, Any]) -> bool:
-    """Whether a :func:`best_of_k` row's reward-model pick beats the greedy answers by more than :data:`FLAT`."""
-    return row["rm_best_of_k"] - row["greedy"] > FLAT
-
-
-def best_of_k_reading(row: dict[str, Any], k: int) -> str:
-    """One sentence on a :func:`best_of_k` row: is the reward model's pick better than the greedy answer?"""
-    gain = row["rm_best_of_k"] - row["greedy"]
-    if visible_gain(row):
-        reading = "It is above the greedy answers: there is a gain the reward model can see."
-    elif gain >= -FLAT:
-        reading = (
-            f"It is not clearly above the greedy answers (within {FLAT * 100:.0f} points): optimising the reward "
-            "model has little or no gain to find."
-        )
-    else:
-        reading = (
-            "It is below the greedy answers, so optimising the reward model is expected to lower checker accuracy."
-        )
-    return (
-        f"The reward model's pick among {k} samples is right {_pct(row['rm_best_of_k'])} of the time against "
-        f"{_pct(row['greedy'])} for the greedy answer ({gain * 100:+.1f} points; pass@{k} {_pct(row['pass_at_k'])}). "
-        + reading
-    )
 
 
 def _pct(x: float | None) -> str:

@@ -1,0 +1,133 @@
+"""The whole run config (:class:`RunConfig`: one section per stage) and :func:`load_config`.
+
+Loading is
+
+    dataclass defaults  <  YAML file  <  command-line ``section.key=value`` overrides
+
+and strict (see :func:`pipeline.config.schema.from_dict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .data import DataConfig, TokenizerConfig
+from .finetune import RewardStageConfig, SFTStageConfig
+from .ppo import PPOStageConfig
+from .pretrain import ModelConfig, PretrainConfig
+from .schema import ConfigError, from_dict
+
+__all__ = ["RunSection", "ExportConfig", "ReportConfig", "RunConfig", "load_config"]
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "tiny"
+    """Run name: the run folder is ``<root>/<name>``."""
+    seed: int = 1337
+    root: str = "runs"
+    """Folder that holds every run."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    dir: str = ""
+    """The export is always runs/<run>/export/artifact/; a folder here (EXPORT_DIR) gets a copy too."""
+    source: Literal["ppo", "sft", "pretrain"] = "ppo"
+    """Stage whose model is exported."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights are cast to this dtype."""
+    max_shard_size: str = "2GB"
+    """safetensors files are split above this size (with model.safetensors.index.json)."""
+    license: str = "mit"
+    """License id for the model card's metadata."""
+    verify_with: tuple[str, ...] = ()
+    """More Python interpreters to prove the export loads in (e.g. a venv with transformers 4.x); the
+    current one always is. Where the export goes or who checks it does not change what it is (not fingerprinted)."""
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The quality bar of the run report (``pipeline/report.py``): the thresholds its checklist marks "met".
+    It judges finished stages and changes none of them, so no stage's fingerprint includes it."""
+
+    max_wall_time_s: float = 900.0
+    """The whole run, every stage done, within this many seconds (15 min: the default run's budget)."""
+    min_reward_pair_accuracy: float = 0.85
+    """The reward model's held-out pair accuracy at least this."""
+    min_ppo_accuracy_gain: float = 0.05
+    """PPO's held-out checker accuracy at least this far above the SFT model's (0.05: 5 points)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_wall_time_s <= 0:
+            problems.append(f"report.max_wall_time_s must be > 0, got {self.max_wall_time_s}")
+        if not 0.0 <= self.min_reward_pair_accuracy <= 1.0:
+            problems.append(f"report.min_reward_pair_accuracy must be in [0, 1], got {self.min_reward_pair_accuracy}")
+        if not -1.0 <= self.min_ppo_accuracy_gain <= 1.0:
+            problems.append(f"report.min_ppo_accuracy_gain must be in [-1, 1], got {self.min_ppo_accuracy_gain}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTStageConfig = field(default_factory=SFTStageConfig)
+    reward: RewardStageConfig = field(default_factory=RewardStageConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a run config: defaults < YAML file < ``section.key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key (with the closest valid one), bad type, bad value, or YAML error,
+            naming the file and the dotted key.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+        tree = loaded
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), raw)
+    try:
+        return from_dict(RunConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None

@@ -1,0 +1,432 @@
+"""Language-model utilities below both the reward side and PPO: log-probs, padding, generation, dropout off.
+
+Two token layouts are used, and each has one log-prob function here:
+
+- the rollout layout (PPO, and the implicit reward's ``score_ids``): a left-padded prompt ``(B, P)`` and a
+  right-padded response ``(B, T)``, run as ``[query | response]`` with position ids that follow the attention
+  mask (:func:`concat_inputs`), so a response's log-probs do not depend on its batch mates' padding;
+  :func:`response_logprobs` gives ``(B, T)``;
+- the training layout (DPO rows): whole right-padded sequences with the index where each response starts;
+  :func:`sequence_logprobs` gives the summed response log-probs ``(B,)``.
+
+Both go through :func:`logprobs_from_logits`, which never materialises the ``(B, T, V)`` log-softmax.
+
+Text generation for evaluation (:func:`generate_responses`: text in, text out) is PPO's rollout generation
+(:func:`generate`: token ids in and out) with the chat rendering and the decoding around it: one path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig
+from transformers.activations import GELUTanh, NewGELUActivation
+
+__all__ = [
+    "END_OF_TURN",
+    "END_OF_TEXT",
+    "context_length",
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "pad_sequences",
+    "left_pad",
+    "right_pad",
+    "concat_inputs",
+    "response_logits",
+    "response_logprobs",
+    "sequence_mask",
+    "sequence_logprobs",
+    "truncate_after_stop",
+    "ensure_end_token",
+    "eval_mode",
+    "disable_dropout",
+    "fuse_activations",
+    "stop_token_ids",
+    "render_user_prompts",
+    "generate",
+    "generate_responses",
+    "decode_answer",
+]
+
+log = logging.getLogger(__name__)
+
+END_OF_TURN = "<|end|>"
+END_OF_TEXT = "<|endoftext|>"
+
+
+def context_length(model: Any) -> int | None:
+    """The model's maximum sequence length from its config (GPT-2's n_positions, or max_position_embeddings)."""
+    for key in ("n_positions", "max_position_embeddings"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each token: ``(B, T, V)`` logits, ``(B, T)`` tokens -> ``(B, T)``.
+
+    Computed as ``logit[token] - logsumexp(logits)`` so the ``(B, T, V)`` log-softmax is never
+    materialised (it is the largest tensor of a PPO step).
+    """
+    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position: ``(B, T, V)`` -> ``(B, T)``."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ----------------------------------------------------------------------------- padding and layouts
+
+
+def pad_sequences(
+    seqs: list[list[int]], pad_id: int, side: str, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists on ``side`` (``"left"`` or ``"right"``) into ``(ids, mask)`` of shape ``(B, max_len)``.
+
+    Prompts for generation are left-padded (the new tokens follow every prompt directly); sequences a scalar head
+    reads at their last token, and DPO rows, are right-padded.
+
+    >>> pad_sequences([[5, 6], [7]], pad_id=0, side="left")
+    (tensor([[5, 6],
+            [0, 7]]), tensor([[1, 1],
+            [0, 1]]))
+    >>> pad_sequences([[5, 6], [7]], pad_id=0, side="right")[0]
+    tensor([[5, 6],
+            [7, 0]])
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
+def left_pad(
+    seqs: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pad_sequences` on the left."""
+    return pad_sequences(seqs, pad_id, "left", device)
+
+
+def right_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pad_sequences` on the right."""
+    return pad_sequences(seqs, pad_id, "right")
+
+
+def concat_inputs(
+    query_ids: torch.Tensor, query_mask: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, position_ids)`` of ``[query | response]``, each ``(B, P + T)``.
+
+    Position ids count real tokens only, so left padding does not shift a sequence's positions.
+    """
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1).long()
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def response_logits(
+    model: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Logits ``(B, T, V)`` (float32, divided by the sampling temperature) that predict each response token."""
+    input_ids, attention_mask, position_ids = concat_inputs(query_ids, query_mask, response_ids, response_mask)
+    T = response_ids.shape[1]
+    # only the T positions that predict response tokens go through the LM head: (B, T + 1, V) -> (B, T, V)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=T + 1,
+        use_cache=False,
+    )
+    return out.logits[:, :-1].float() / temperature
+
+
+def response_logprobs(
+    model: nn.Module,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Log-probs ``(B, T)`` of the response tokens (rollout layout) under a causal LM, 0 on padding."""
+    logits = response_logits(model, query_ids, query_mask, response_ids, response_mask, temperature)
+    return logprobs_from_logits(logits, response_ids) * response_mask
+
+
+def sequence_mask(attention_mask: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """Which next-token positions ``(B, T-1)`` of right-padded sequences are response tokens: position ``t``
+    predicts token ``t + 1``, a response token when ``t + 1 >= starts[i]`` and not padding."""
+    pos = torch.arange(1, attention_mask.shape[1], device=attention_mask.device)[None]
+    return (pos >= starts[:, None]) & (attention_mask[:, 1:] > 0)
+
+
+def sequence_logprobs(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, starts: torch.Tensor
+) -> torch.Tensor:
+    """Summed log-probs ``(B,)`` of each right-padded sequence's tokens from position ``starts[i]`` on."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
+    lp = logprobs_from_logits(logits, input_ids[:, 1:])
+    return (lp * sequence_mask(attention_mask, starts)).sum(1)
+
+
+def truncate_after_stop(
+    response_ids: torch.Tensor, stop_ids: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response after its first stop token.
+
+    Returns:
+        ``(ids, mask, ended)``: ids with everything after the first stop token set to ``pad_id``;
+        ``(B, T)`` mask, 1 up to and including that stop token (all ones when there is none);
+        ``(B,)`` bool, whether a stop token occurred.
+
+    >>> truncate_after_stop(torch.tensor([[4, 9, 4, 4], [4, 4, 4, 4]]), stop_ids=[9], pad_id=0)
+    (tensor([[4, 9, 0, 0],
+            [4, 4, 4, 4]]), tensor([[1, 1, 0, 0],
+            [1, 1, 1, 1]]), tensor([ True, False]))
+    """
+    is_stop = torch.isin(response_ids, torch.tensor(stop_ids, device=response_ids.device))
+    # stops strictly before position t: a token is kept while no stop came before it
+    stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
+    mask = (stops_before == 0).long()
+    ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    return ids, mask, is_stop.any(dim=1)
+
+
+def ensure_end_token(
+    response_ids: torch.Tensor, response_mask: torch.Tensor, stop_ids: list[int], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append the end-of-turn token (``stop_ids[0]``) to every response that did not produce a stop token,
+    so a reward model scores text in the format it was trained on (prompt + response + ``<|end|>``).
+
+    Returns:
+        ``(ids, mask)`` of width ``T + 1``.
+
+    >>> ensure_end_token(torch.tensor([[4, 9, 0], [4, 4, 4]]), torch.tensor([[1, 1, 0], [1, 1, 1]]), [9], 0)
+    (tensor([[4, 9, 0, 0],
+            [4, 4, 4, 9]]), tensor([[1, 1, 0, 0],
+            [1, 1, 1, 1]]))
+    """
+    B = response_ids.shape[0]
+    ids = torch.cat([response_ids, response_ids.new_full((B, 1), pad_id)], dim=1)
+    mask = torch.cat([response_mask, response_mask.new_zeros((B, 1))], dim=1)
+    lengths = response_mask.long().sum(1)
+    last = ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    ended = torch.isin(last, torch.tensor(stop_ids, device=ids.device)) & (lengths > 0)
+    rows = (~ended).nonzero().squeeze(1)
+    ids[rows, lengths[rows]] = stop_ids[0]
+    mask[rows, lengths[rows]] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- model set-up
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; its train/eval mode is restored however the block ends."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0: PPO's ratio must be 1 before the first update, and reference
+    log-probs are dropout-free."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def fuse_activations(model: nn.Module) -> int:
+    """Swap GPT-2's Python tanh-GELU (``gelu_new``: 5 elementwise kernels and their backward) for torch's
+    fused ``gelu(approximate="tanh")``: the same function up to float rounding, ~20% of a tiny model's PPO step.
+
+    Returns:
+        The number of activation modules replaced (the saved config is untouched).
+    """
+    n = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+                n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def stop_token_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
+    """Token ids that end a chat answer: ``<|end|>``, ``<|endoftext|>``, the tokenizer's eos and the
+    model's generation_config eos ids (those that exist), ``<|end|>`` first."""
+    ids: list[int] = []
+    vocab = tokenizer.get_vocab()
+    for tok in (END_OF_TURN, END_OF_TEXT):
+        if tok in vocab:
+            ids.append(int(vocab[tok]))
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None)
+    if eos is not None:
+        ids.extend(int(i) for i in ([eos] if isinstance(eos, int) else eos))
+    return list(dict.fromkeys(ids))
+
+
+def render_user_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each user message through the chat template, with the generation prompt."""
+    out = []
+    for p in prompts:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+@torch.no_grad()
+def generate(
+    policy: Any,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    **generate_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample (or greedily decode) responses with the KV cache; see :func:`truncate_after_stop`.
+
+    Args:
+        policy: a Hugging Face causal LM (already gathered under ZeRO-3).
+        query_ids, query_mask: ``(B, P)`` left-padded prompts.
+        max_new_tokens: response length limit.
+        stop_ids: ids that end a response (``<|end|>``, ``<|endoftext|>``).
+        pad_id: id written after the end of a response.
+        do_sample, temperature, top_k, top_p: sampling settings (greedy when ``do_sample`` is False).
+        **generate_kwargs: passed to ``generate`` (e.g. ``synced_gpus=True`` under ZeRO-3).
+
+    Returns:
+        ``(response_ids, response_mask, ended)``, ``(B, T)``, ``(B, T)``, ``(B,)`` with ``T <= max_new_tokens``.
+    """
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_k=top_k if do_sample else None,
+        top_p=top_p if do_sample else None,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    with eval_mode(policy):
+        out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen, **generate_kwargs)
+    return truncate_after_stop(out[:, query_ids.shape[1] :], stop_ids, pad_id)
+
+
+@torch.no_grad()
+def generate_responses(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Answer each user prompt with the model through the chat template (evaluation's text path).
+
+    Prompts are left-padded into batches (position ids follow the attention mask, so a prompt's
+    answer does not depend on its batch mates); generation stops at ``<|end|>`` / ``<|endoftext|>``;
+    the answer is decoded without special tokens. A prompt too long for the model's context
+    (prompt + ``max_new_tokens`` > context) keeps its last tokens, with a warning.
+
+    Args:
+        model: a Hugging Face causal LM (a DDP wrapper is unwrapped). Its train/eval mode is restored.
+        tokenizer: the matching tokenizer, with a chat template and a pad token (or eos used as pad).
+        prompts: user-message strings.
+        max_new_tokens: at most this many generated tokens per answer.
+        batch_size: prompts per ``generate`` call.
+        do_sample, temperature, top_k, top_p: sampling settings (greedy when ``do_sample`` is False).
+        seed: seeds torch's RNG for sampling (the global RNG state is restored afterwards).
+        **generate_kwargs: passed to ``model.generate`` (e.g. ``synced_gpus=True`` under ZeRO-3).
+
+    Returns:
+        One decoded answer per prompt, in order.
+    """
+    model = getattr(model, "module", model)
+    if not prompts:
+        return []
+    stops = stop_token_ids(tokenizer, model)
+    if not stops:
+        raise ValueError("generate_responses: the tokenizer has no <|end|>, <|endoftext|> or eos token to stop at")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[-1]
+    encoded = render_user_prompts(tokenizer, prompts)
+    ctx = context_length(model)
+    if ctx is not None:
+        room = ctx - max_new_tokens
+        if room < 1:
+            raise ValueError(
+                f"generate_responses: max_new_tokens={max_new_tokens} leaves no room in a {ctx}-token context"
+            )
+        n_cut = sum(len(e) > room for e in encoded)
+        if n_cut:
+            log.warning("%d prompts longer than %d tokens keep only their last %d tokens", n_cut, room, room)
+            encoded = [e[-room:] for e in encoded]
+
+    device = next(model.parameters()).device
+    rng_devices = [device] if device.type == "cuda" else []
+    sampling = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    responses: list[str] = []
+    with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for start in range(0, len(encoded), batch_size):
+            q, q_mask = left_pad(encoded[start : start + batch_size], pad_id, device)
+            ids, _, _ = generate(model, q, q_mask, max_new_tokens, stops, pad_id, **sampling, **generate_kwargs)
+            responses.extend(decode_answer(tokenizer, row, set(stops)) for row in ids.tolist())
+    return responses
+
+
+def decode_answer(tokenizer: Any, ids: list[int], stops: set[int]) -> str:
+    """Decode generated ids up to (not including) the first stop token, without special tokens."""
+    for n, t in enumerate(ids):
+        if t in stops:
+            ids = ids[:n]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True)

@@ -1,0 +1,82 @@
+"""The PPO trainer's engine: one AdamW over the policy and value model, a learning-rate schedule counted in optimizer
+updates, DeepSpeed's batch keys, the ZeRO-3 gathering of the policy for generation, and where the frozen models run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import get_scheduler
+from trl.models.utils import add_hooks, remove_hooks
+
+from pipeline.config import PPOStageConfig
+from pipeline.training import is_zero3
+
+__all__ = ["is_deepspeed", "frozen_placement", "build_optimizer", "gathered_policy"]
+
+
+def is_deepspeed(accelerator: Any) -> bool:
+    """Whether the accelerator runs DeepSpeed (it then steps, clips and shards on its own)."""
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
+def frozen_placement(cfg: PPOStageConfig, device: torch.device) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype the frozen models run: ``ppo.frozen_device`` (``auto``: ``device``, the training
+    device) and ``ppo.reference_dtype``."""
+    frozen = torch.device("cpu") if cfg.frozen_device == "cpu" else device
+    return frozen, torch.bfloat16 if cfg.reference_dtype == "bfloat16" else torch.float32
+
+
+@contextmanager
+def gathered_policy(engine: nn.Module, policy: nn.Module, accelerator: Any) -> Iterator[nn.Module]:
+    """``policy`` (a part of the prepared ``engine``) ready for ``generate``: under ZeRO-3 its shards are gathered
+    once for the whole rollout, and ZeRO's per-module fetch hooks are taken off meanwhile, or every decoding step
+    would gather (and release) every layer again."""
+    if not is_zero3(accelerator):
+        yield policy
+        return
+    import deepspeed  # an optional dependency, needed only under ZeRO-3
+
+    with deepspeed.zero.GatheredParameters(list(policy.parameters())):
+        remove_hooks(engine)
+        try:
+            yield policy
+        finally:
+            add_hooks(engine)
+
+
+def build_optimizer(
+    cfg: PPOStageConfig, accelerator: Any, policy: nn.Module, value_model: nn.Module | None, total_updates: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with two parameter groups (policy at ``ppo.lr``, value model at ``ppo.value_lr`` or ``ppo.lr``) and its
+    scheduler over ``total_updates`` optimizer updates. Under DeepSpeed, its "auto" batch keys are filled here (our
+    loop has no dataloader for accelerate to read them from), before ``accelerator.prepare``."""
+    groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr}]
+    if value_model is not None:
+        groups.append(
+            {"params": [p for p in value_model.parameters() if p.requires_grad], "lr": cfg.value_lr or cfg.lr}
+        )
+    optimizer = torch.optim.AdamW(
+        groups,
+        eps=cfg.adam_eps,
+        weight_decay=0.0,
+        # one fused kernel for all tensors (DeepSpeed steps its own flat partitions, so it gets the plain one)
+        **({} if is_deepspeed(accelerator) else {"fused": True}),
+    )
+    if is_deepspeed(accelerator):
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.minibatch_size
+        ds["gradient_accumulation_steps"] = 1
+        ds["gradient_clipping"] = cfg.grad_clip
+        ds["train_batch_size"] = cfg.minibatch_size * accelerator.num_processes
+    return optimizer, _make_scheduler(cfg, optimizer, total_updates)
+
+
+def _make_scheduler(cfg: PPOStageConfig, optimizer: torch.optim.Optimizer, total: int) -> Any:
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]
+    warmup = cfg.warmup_steps * (total // max(cfg.steps, 1))  # warmup_steps counts PPO steps
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)

@@ -1,0 +1,118 @@
+"""Held-out evaluation of PPO: greedy answers of the policy and of the SFT model, scored by the reward model and
+the task checker, and the KL of sampled answers to the reference.
+
+    metrics, answers = evaluate_held_out(trainer, tokenizer, held_out_records, held_out_prompt_ids)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+
+from pipeline.analysis.checker import checker_accuracy
+from pipeline.lm import generate, left_pad
+
+from .trainer import PPOTrainer
+
+__all__ = ["evaluate_prompts", "evaluate_held_out"]
+
+
+@torch.no_grad()
+def evaluate_prompts(trainer: PPOTrainer, prompts: list[list[int]]) -> list[dict[str, Any]]:
+    """Greedy answers of the policy and of the reference (SFT) model to this process's held-out prompts,
+    both scored, and the KL of sampled policy responses against the reference.
+
+    Under ZeRO-3 every process must pass the same number of prompts (forwards are collective).
+
+    Returns:
+        Per prompt: ``policy_ids``/``sft_ids`` (response token ids, stop token excluded),
+        ``policy_score``/``sft_score`` (raw scores), ``kl`` (sum over the sampled response's tokens)
+        and ``policy_ended``.
+    """
+    c = trainer.cfg
+    out: list[dict[str, Any]] = []
+    ref_dev = next(trainer.ref_model.parameters()).device
+    for start in range(0, len(prompts), c.rollout_batch_size):
+        q, qm = left_pad(prompts[start : start + c.rollout_batch_size], trainer.pad_id, trainer.device)
+        with trainer._generation_model() as policy:
+            r, rm, ended = generate(policy, q, qm, c.max_new_tokens, trainer.stop_ids, trainer.pad_id, do_sample=False)
+            rs, rms, _ = trainer.sample(policy, q, qm)
+        r0, rm0, _ = generate(
+            trainer.ref_model,
+            q.to(ref_dev),
+            qm.to(ref_dev),
+            c.max_new_tokens,
+            trainer.stop_ids,
+            trainer.pad_id,
+            do_sample=False,
+        )
+        r0, rm0 = r0.to(trainer.device), rm0.to(trainer.device)
+        lp, _, _ = trainer.model(q, qm, rs, rms, temperature=c.temperature)
+        ref_lp = trainer.ref_logprobs(q, qm, rs, rms)
+        kl = ((lp.float() - ref_lp) * rms).sum(1)
+        scores, sft_scores = trainer.score(q, qm, r, rm), trainer.score(q, qm, r0, rm0)
+        for i in range(len(q)):
+            out.append(
+                {
+                    "policy_ids": _answer_ids(r[i], rm[i], trainer.stop_ids),
+                    "sft_ids": _answer_ids(r0[i], rm0[i], trainer.stop_ids),
+                    "policy_score": scores[i].item(),
+                    "sft_score": sft_scores[i].item(),
+                    "kl": kl[i].item(),
+                    "policy_ended": bool(ended[i]),
+                }
+            )
+    return out
+
+
+def evaluate_held_out(
+    trainer: Any, tokenizer: Any, records: list[dict[str, Any]], prompt_ids: list[list[int]]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Greedy policy vs SFT answers on held-out prompts, scored by the reward model and the task checker.
+
+    Every process answers an equal share of the prompts; results are gathered on all processes.
+
+    Returns:
+        ``(metrics, answers)``: ``reward_mean``, ``sft_reward_mean``, ``kl``, ``checker_accuracy``,
+        ``sft_checker_accuracy``, ``ended`` and ``n_eval``; per prompt ``prompt``, ``task``, ``answer``
+        (the record's ground truth, None without a checker), ``sft``, ``sft_score``, ``policy``, ``policy_score``.
+    """
+    acc = trainer.accelerator
+    per = len(prompt_ids) // acc.num_processes
+    if per == 0:
+        return {}, []
+    lo = acc.process_index * per
+    local = evaluate_prompts(trainer, prompt_ids[lo : lo + per])
+    results = gather_object(local) if acc.num_processes > 1 else local
+    records = records[: len(results)]
+    policy_text = [tokenizer.decode(r["policy_ids"], skip_special_tokens=True) for r in results]
+    sft_text = [tokenizer.decode(r["sft_ids"], skip_special_tokens=True) for r in results]
+    n = len(results)
+    metrics = {
+        "reward_mean": sum(r["policy_score"] for r in results) / n,
+        "sft_reward_mean": sum(r["sft_score"] for r in results) / n,
+        "kl": sum(r["kl"] for r in results) / n,
+        "checker_accuracy": checker_accuracy(records, policy_text),
+        "sft_checker_accuracy": checker_accuracy(records, sft_text),
+        "ended": sum(r["policy_ended"] for r in results) / n,
+        "n_eval": n,
+    }
+    answers = [
+        {
+            "prompt": rec.get("prompt", ""),
+            "task": rec.get("task"),
+            "answer": rec.get("answer"),
+            "sft": s,
+            "sft_score": round(r["sft_score"], 4),
+            "policy": p,
+            "policy_score": round(r["policy_score"], 4),
+        }
+        for rec, r, s, p in zip(records, results, sft_text, policy_text)
+    ]
+    return metrics, answers
+
+
+def _answer_ids(ids: torch.Tensor, mask: torch.Tensor, stop_ids: list[int]) -> list[int]:
+    return [t for t in ids[mask.bool()].tolist() if t not in stop_ids]
