@@ -18,10 +18,8 @@ import argparse
 import logging
 import sys
 
-from .chat import ChatSettings, chat_loop, resolve_model_dir
 from .config import ConfigError, load_config
 from .orchestrate import LAUNCHES, RunOptions, run_pipeline
-from .report import write_report
 from .runs import STAGES, StageError
 from .status import run_status
 
@@ -85,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(st.line())
             return 0
         if args.command == "report":
+            from .report import write_report  # torch and transformers: only for the commands that need them
+
             print(write_report(cfg, samples=not args.no_samples))
             return 0
+        from .chat import ChatSettings, chat_loop, resolve_model_dir  # likewise
+
         settings = ChatSettings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.system, args.seed)
         return chat_loop(resolve_model_dir(cfg, args.stage, args.model), settings)
     except (ConfigError, StageError) as e:

@@ -10,9 +10,6 @@ from typing import Any
 
 import matplotlib
 
-matplotlib.use("Agg")  # files only, no display: chosen before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-
 __all__ = ["PLOTS", "plot_stage"]
 
 PLOTS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
@@ -40,6 +37,9 @@ def plot_stage(stage: str, records: list[dict[str, Any]], path: Path, manifest: 
     n = len(panels) + bool(has_hist)
     if n == 0:
         return False
+    matplotlib.use("Agg")  # files only, no display: chosen before pyplot is first imported
+    import matplotlib.pyplot as plt  # after the backend; a library import has no side effects
+
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.2), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels):
         for key, pts in series:

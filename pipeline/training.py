@@ -111,8 +111,19 @@ class StopSignal(TrainerCallback):
         self._previous.clear()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """``Trainer`` hook: once a signal arrived, save a checkpoint at the end of this step and stop."""
-        if self.signum:
+        """``Trainer`` hook: once a signal reached any process, save a checkpoint at the end of this step and stop.
+
+        Under several processes the flag is all-reduced at every step end (a one-number collective), so that every
+        process stops at the same step: a save is collective, and a process that went on would hang the others.
+        """
+        signum = self.signum
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_world_size() > 1:
+                flag = torch.tensor([signum], device=args.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                signum = int(flag.item())
+        if signum:
+            self.signum = signum  # every process then reports the interruption
             control.should_save = True
             control.should_training_stop = True
 

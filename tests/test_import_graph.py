@@ -23,8 +23,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "pipeline"
 
-FUNCTION_LOCAL_ALLOWED: dict[str, set[str]] = {}
-"""``module -> {imported pipeline module}`` pairs allowed to import inside a function (none)."""
+FUNCTION_LOCAL_ALLOWED: dict[str, set[str]] = {"pipeline.__main__": {"pipeline.report", "pipeline.chat"}}
+"""``module -> {imported pipeline module}`` pairs allowed to import inside a function. Not cycles: the command line
+imports torch and transformers only for ``report`` and ``chat``, so ``make status`` starts in well under a second."""
 
 
 def _module_name(path: Path) -> str:

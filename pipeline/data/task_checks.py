@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from difflib import SequenceMatcher
 from typing import Any
 
-__all__ = ["spaced", "answer_format", "check_answer", "score_answer", "response_class"]
+__all__ = ["spaced", "answer_format", "has_checker", "check_answer", "score_answer", "response_class"]
 
 _NUMBER = re.compile(r"[+-]?\d+")
 _LETTERS = re.compile(r"[a-z]( [a-z])*")
@@ -55,6 +55,11 @@ def _truth(record: dict[str, Any]) -> str:
         where = f" (id {record['id']})" if "id" in record else ""
         raise ValueError(f"record{where} has no 'task'/'answer' fields, so it has no checker")
     return _normalise(record["answer"])
+
+
+def has_checker(record: dict[str, Any]) -> bool:
+    """A record can be checked when it carries the generated-task fields ``task`` and ``answer``."""
+    return bool(record.get("task")) and record.get("answer") is not None
 
 
 def check_answer(record: dict[str, Any], response: str) -> bool:

@@ -54,5 +54,5 @@ def load_scorer(
         OSError: the folder does not hold a loadable model.
     """
     if is_implicit_reward_dir(model_dir):
-        return load_implicit_reward(model_dir, trust_remote_code, stop_ids)
+        return load_implicit_reward(model_dir, trust_remote_code, stop_ids, pad_id)
     return ScalarReward.load(str(model_dir), trust_remote_code, stop_ids, pad_id)

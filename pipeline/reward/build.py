@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ class RewardRun:
     held_out: list[PreferenceGroup]
     reference: Any = None
     """The frozen DPO reference (``objective=dpo``), saved into the artifact."""
-    counts: dict[str, Any] = field(default_factory=dict)
 
 
 def training_args(rc: RewardStageConfig, output_dir: Path, seed: int) -> RewardConfig:

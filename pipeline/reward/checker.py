@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from pipeline.analysis.checker import has_checker
-from pipeline.data.tasks import score_answer
+from pipeline.data.task_checks import has_checker, score_answer
 from pipeline.runs import StageError
 
 __all__ = ["CheckerScorer"]

@@ -56,7 +56,7 @@ class RankingEval:
     n_groups: int = 0
     n_pairs: int = 0
     group_rewards: list[list[float]] = field(default_factory=list)
-    """Reward of every response, per group (for breakdowns such as ``pipeline.agreement.pair_accuracy_by_kind``)."""
+    """Reward of every response, per group (for breakdowns such as ``pipeline.analysis.agreement.pair_accuracy_by_kind``)."""
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,7 @@ class ImplicitReward:
         beta: DPO's beta.
         tokenizer: the shared tokenizer, with the chat template.
         stop_ids: ids that end a response, the end-of-turn token first (default: the tokenizer's).
+        pad_id: the padding id of the responses it scores (default: the tokenizer's).
     """
 
     kind = "implicit"
@@ -85,9 +86,9 @@ class ImplicitReward:
     trains_critic = False
 
     def __init__(self, model: Any, reference: Any, beta: float, tokenizer: Any,
-                 stop_ids: list[int] | None = None) -> None:  # fmt: skip
+                 stop_ids: list[int] | None = None, pad_id: int | None = None) -> None:  # fmt: skip
         self.model, self.reference, self.beta, self.tokenizer = model, reference, float(beta), tokenizer
-        self.pad_token_id = int(tokenizer.pad_token_id)
+        self.pad_token_id = int(tokenizer.pad_token_id if pad_id is None else pad_id)
         self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
 
     def place(self, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
@@ -144,8 +145,8 @@ def save_implicit_reward(out_dir: str | Path, reference: Any, beta: float, token
     (out / IMPLICIT_CONFIG).write_text(json.dumps({"kind": "dpo", "beta": beta, "reference": REFERENCE_DIR}, indent=2))
 
 
-def load_implicit_reward(model_dir: str | Path, trust_remote_code: bool = False,
-                         stop_ids: list[int] | None = None) -> ImplicitReward:  # fmt: skip
+def load_implicit_reward(model_dir: str | Path, trust_remote_code: bool = False, stop_ids: list[int] | None = None,
+                         pad_id: int | None = None) -> ImplicitReward:  # fmt: skip
     """The :class:`ImplicitReward` in ``model_dir`` (float32, eval mode, no gradients).
 
     Raises:
@@ -166,4 +167,4 @@ def load_implicit_reward(model_dir: str | Path, trust_remote_code: bool = False,
     reference = AutoModelForCausalLM.from_pretrained(str(Path(model_dir) / ref_name), **kw).eval()
     for m in (model, reference):
         m.requires_grad_(False)
-    return ImplicitReward(model, reference, beta, tokenizer, stop_ids)
+    return ImplicitReward(model, reference, beta, tokenizer, stop_ids, pad_id)

@@ -16,9 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.analysis.checker import has_checker
 from pipeline.data.preferences import PreferenceGroup
-from pipeline.data.tasks import score_answer, write_jsonl
+from pipeline.data.task_checks import has_checker, score_answer
+from pipeline.data.tasks import write_jsonl
 from pipeline.lm import generate_responses
 from pipeline.runs import StageError
 

@@ -82,9 +82,8 @@ def load_models(
     if critic:
         if not scorer.trains_critic:
             raise StageError(
-                f"ppo: the reward model at {reward_from} is a {scorer.kind} reward model (reward.objective=dpo): it "
-                "has no scalar head to start a value model from; set ppo.advantage=group (a baseline from several "
-                "samples)"
+                f"ppo: the reward model at {reward_from} ({scorer.kind}: reward.objective=dpo) has no scalar head to "
+                "start a value model from; set ppo.advantage=group (a baseline from several samples)"
             )
         value = AutoModelForSequenceClassification.from_pretrained(str(reward_from), num_labels=1, **kw)
         if value.config.pad_token_id is None:
