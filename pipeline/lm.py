@@ -197,46 +197,57 @@ def sequence_logprobs(
 def truncate_after_stop(
     response_ids: torch.Tensor, stop_ids: list[int], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each response after its first stop token.
+    """Cut each response after its first stop token (any of ``stop_ids``).
+
+    Only the end-of-turn token (``stop_ids[0]``, ``<|end|>``) ends a turn: a response whose first stop token is
+    another one (``<|endoftext|>``, eos) is cut there too, but counts as not ended, like one that reached the
+    length limit (PPO's ``missing_eos_penalty``; a reward model never saw a turn end that way).
 
     Returns:
         ``(ids, mask, ended)``: ids with everything after the first stop token set to ``pad_id``;
         ``(B, T)`` mask, 1 up to and including that stop token (all ones when there is none);
-        ``(B,)`` bool, whether a stop token occurred.
+        ``(B,)`` bool, whether the first stop token is ``stop_ids[0]``.
 
-    >>> truncate_after_stop(torch.tensor([[4, 9, 4, 4], [4, 4, 4, 4]]), stop_ids=[9], pad_id=0)
+    >>> truncate_after_stop(torch.tensor([[4, 9, 4, 4], [4, 4, 4, 4], [4, 8, 9, 4]]), stop_ids=[9, 8], pad_id=0)
     (tensor([[4, 9, 0, 0],
-            [4, 4, 4, 4]]), tensor([[1, 1, 0, 0],
-            [1, 1, 1, 1]]), tensor([ True, False]))
+            [4, 4, 4, 4],
+            [4, 8, 0, 0]]), tensor([[1, 1, 0, 0],
+            [1, 1, 1, 1],
+            [1, 1, 0, 0]]), tensor([ True, False, False]))
     """
     is_stop = torch.isin(response_ids, torch.tensor(stop_ids, device=response_ids.device))
     # stops strictly before position t: a token is kept while no stop came before it
     stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()
     mask = (stops_before == 0).long()
     ids = torch.where(mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
-    return ids, mask, is_stop.any(dim=1)
+    first_stop = is_stop & (stops_before == 0)
+    return ids, mask, (first_stop & (response_ids == stop_ids[0])).any(dim=1)
 
 
 def ensure_end_token(
     response_ids: torch.Tensor, response_mask: torch.Tensor, stop_ids: list[int], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append the end-of-turn token (``stop_ids[0]``) to every response that did not produce a stop token,
-    so a reward model scores text in the format it was trained on (prompt + response + ``<|end|>``).
+    """Append the end-of-turn token (``stop_ids[0]``) to every response whose last token is not it, so a reward
+    model scores text in the format it was trained on (prompt + response + ``<|end|>``), at the position it was
+    trained to read. A response cut at another stop token (``<|endoftext|>``) keeps it and gets ``<|end|>`` after.
 
     Returns:
         ``(ids, mask)`` of width ``T + 1``.
 
-    >>> ensure_end_token(torch.tensor([[4, 9, 0], [4, 4, 4]]), torch.tensor([[1, 1, 0], [1, 1, 1]]), [9], 0)
+    >>> ids, mask = torch.tensor([[4, 9, 0], [4, 4, 4], [4, 8, 0]]), torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    >>> ensure_end_token(ids, mask, stop_ids=[9, 8], pad_id=0)
     (tensor([[4, 9, 0, 0],
-            [4, 4, 4, 9]]), tensor([[1, 1, 0, 0],
-            [1, 1, 1, 1]]))
+            [4, 4, 4, 9],
+            [4, 8, 9, 0]]), tensor([[1, 1, 0, 0],
+            [1, 1, 1, 1],
+            [1, 1, 1, 0]]))
     """
     B = response_ids.shape[0]
     ids = torch.cat([response_ids, response_ids.new_full((B, 1), pad_id)], dim=1)
     mask = torch.cat([response_mask, response_mask.new_zeros((B, 1))], dim=1)
     lengths = response_mask.long().sum(1)
     last = ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    ended = torch.isin(last, torch.tensor(stop_ids, device=ids.device)) & (lengths > 0)
+    ended = (last == stop_ids[0]) & (lengths > 0)
     rows = (~ended).nonzero().squeeze(1)
     ids[rows, lengths[rows]] = stop_ids[0]
     mask[rows, lengths[rows]] = 1
@@ -332,13 +343,14 @@ def generate(
         policy: a Hugging Face causal LM (already gathered under ZeRO-3).
         query_ids, query_mask: ``(B, P)`` left-padded prompts.
         max_new_tokens: response length limit.
-        stop_ids: ids that end a response (``<|end|>``, ``<|endoftext|>``).
+        stop_ids: ids that stop generation (``<|end|>``, ``<|endoftext|>``); only the first ends a turn.
         pad_id: id written after the end of a response.
         do_sample, temperature, top_k, top_p: sampling settings (greedy when ``do_sample`` is False).
         **generate_kwargs: passed to ``generate`` (e.g. ``synced_gpus=True`` under ZeRO-3).
 
     Returns:
-        ``(response_ids, response_mask, ended)``, ``(B, T)``, ``(B, T)``, ``(B,)`` with ``T <= max_new_tokens``.
+        ``(response_ids, response_mask, ended)``, ``(B, T)``, ``(B, T)``, ``(B,)`` with ``T <= max_new_tokens``;
+        ``ended``: the response stopped at ``stop_ids[0]``.
     """
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,

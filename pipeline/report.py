@@ -5,8 +5,10 @@
 Plots (runs/<run>/report/*.png): pretrain train/val loss; SFT loss and held-out answer accuracy; reward-model
 accuracy and the held-out reward distributions of chosen vs rejected responses (``eval_rewards`` in the
 reward manifest); PPO reward, KL, entropy and response length. Tables: each stage's state, wall time,
-throughput and key metrics, and greedy answers of the pretrain, SFT and PPO models to the same held-out
-prompts (generated here, so the three columns are comparable; ``samples=False`` skips loading models).
+throughput and key metrics, greedy answers of the pretrain, SFT and PPO models to the same held-out
+prompts (generated here, so the three columns are comparable; ``samples=False`` skips loading models), the quality
+bar (with the reward stage's gate before PPO), and PPO against the strongest control
+(``pipeline/analysis/controls.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .analysis.agreement import format_markdown, format_pairs, markdown_cell
 from .analysis.best_of_k import format_best_of_k
+from .analysis.controls import controls_verdict, format_controls, reward_gate
 from .config import ReportConfig, RunConfig
 from .data.tasks import generate_tasks
 from .lm import generate_responses
@@ -81,14 +84,26 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "**not met**"
 
 
+def _gate_row(reward_manifest: dict[str, Any], bar: ReportConfig) -> tuple[str, str, bool] | None:
+    """The quality bar's row for the gate before PPO, judged with ``bar``'s thresholds (None without a checker)."""
+    gate = reward_gate(reward_manifest.get("best_of_k"), bar.gate_min_best_of_k_gain, bar.gate_min_right_wrong_auc)
+    if gate is None:
+        return None
+    auc = "-" if gate["right_wrong_auc"] is None else f"{gate['right_wrong_auc']:.3f}"
+    name = (f"reward: gate before PPO: best of {gate['k']} >= greedy + {bar.gate_min_best_of_k_gain * 100:g} points "
+            f"and right-vs-wrong AUC >= {bar.gate_min_right_wrong_auc:g}")  # fmt: skip
+    return name, f"{gate['best_of_k_gain'] * 100:+.1f} points, AUC {auc}", gate["passed"]
+
+
 def quality_lines(
     manifests: dict[str, dict[str, Any]], total_wall_s: float, bar: ReportConfig | None = None
 ) -> list[str]:
     """The quality-bar checklist and the reward-model-vs-checker section; empty when no stage has a checker.
 
     The bar's thresholds are ``bar`` (the ``report:`` config section; None: its defaults): whole run time,
-    held-out pair accuracy, PPO's checker-accuracy gain over SFT; besides, SFT above the pretrained model,
-    reward up and KL within ``ppo.kl_target``.
+    held-out pair accuracy, the gate before PPO, PPO's checker-accuracy gain over SFT; besides, SFT above the
+    pretrained model, PPO above the strongest control, reward up and KL within ``ppo.kl_target``. The controls table
+    and its verdict follow the checklist.
     """
     sft = manifests.get("sft", {}).get("metrics", {})
     rw = manifests.get("reward", {}).get("metrics", {})
@@ -107,11 +122,18 @@ def quality_lines(
     if rw.get("pair_accuracy") is not None:
         rows.append((f"reward: held-out pair accuracy >= {bar.min_reward_pair_accuracy:g}", f"{rw['pair_accuracy']:.3f}",
                      rw["pair_accuracy"] >= bar.min_reward_pair_accuracy))  # fmt: skip
+    if (gate_row := _gate_row(manifests.get("reward", {}), bar)) is not None:
+        rows.append(gate_row)
     if ppo.get("checker_accuracy") is not None and ppo.get("sft_checker_accuracy") is not None:
         a, b = ppo["checker_accuracy"], ppo["sft_checker_accuracy"]
         rows.append((f"PPO: checker accuracy >= SFT's + {bar.min_ppo_accuracy_gain * 100:g} points",
                      f"{b:.3f} -> {a:.3f} ({(a - b) * 100:+.1f})",
                      a - b >= bar.min_ppo_accuracy_gain - 1e-9))  # fmt: skip
+    verdict = controls_verdict(ppo, rw)
+    decided = verdict["outcome"] in ("ppo_wins", "control_wins", "not_distinguishable")
+    if decided:
+        rows.append((f"PPO: above the strongest control ({verdict['strongest']}), non-overlapping 95% intervals",
+                     verdict["outcome"].replace("_", " "), verdict["outcome"] == "ppo_wins"))  # fmt: skip
     if ppo.get("reward_mean") is not None and ppo.get("sft_reward_mean") is not None:
         rows.append(("PPO: mean held-out reward up", f"{ppo['sft_reward_mean']:.3f} -> {ppo['reward_mean']:.3f}",
                      ppo["reward_mean"] > ppo["sft_reward_mean"]))  # fmt: skip
@@ -122,6 +144,8 @@ def quality_lines(
     lines = ["## Quality bar (held-out prompts, task checker)", "", "| check | value | |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {_mark(ok)} |" for name, value, ok in rows]
     lines.append("")
+    if decided:
+        lines += ["## PPO against the controls (held-out prompts, task checker)", "", *format_controls(verdict), ""]
     by_kind = manifests.get("reward", {}).get("pair_accuracy_by_kind")
     bok = manifests.get("reward", {}).get("best_of_k")
     summary = ppo_manifest.get("rm_vs_checker")

@@ -1,5 +1,5 @@
 """SFT evaluation: greedy answers to held-out prompts, judged by the tasks' checker, before, during and after
-fine-tuning (``checker_accuracy``).
+fine-tuning (``checker_accuracy``, with its 95% Wilson interval).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from pipeline.analysis.checker import checker_accuracy, has_checker
+from pipeline.analysis.checker import checker_accuracy_ci, has_checker
 from pipeline.config import SFTStageConfig
 from pipeline.data.conversations import last_user_prompt
 from pipeline.data.tasks import check_answer
@@ -27,6 +27,10 @@ class AnswerEval:
     n: int = 0
     samples: list[dict[str, Any]] = field(default_factory=list)
     """A few {prompt, response, expected, correct} for the manifest and the report."""
+    ci95: list[float] | None = None
+    """The 95% Wilson interval [low, high] of ``accuracy`` (None when it is None)."""
+    n_checked: int = 0
+    """Records with a checker: the ``n`` of ``accuracy`` and ``ci95``."""
 
 
 def evaluate_answers(model: Any, tokenizer: Any, records: list[dict[str, Any]], cfg: SFTStageConfig) -> AnswerEval:
@@ -38,13 +42,13 @@ def evaluate_answers(model: Any, tokenizer: Any, records: list[dict[str, Any]], 
         kwargs["synced_gpus"] = True  # every rank must take part in each forward of a sharded model
     prompts = [last_user_prompt(r) for r in records]
     responses = generate_responses(model, tokenizer, prompts, cfg.max_new_tokens, batch_size=cfg.batch_size, **kwargs)
-    accuracy = checker_accuracy(records, responses)
+    accuracy, ci95, n_checked = checker_accuracy_ci(records, responses)
     samples = []
     for rec, prompt, resp in list(zip(records, prompts, responses))[: cfg.n_samples]:
         expected = rec.get("answer") if has_checker(rec) else rec["messages"][-1]["content"]
         correct = bool(check_answer(rec, resp)) if has_checker(rec) else None
         samples.append({"prompt": prompt, "response": resp, "expected": expected, "correct": correct})
-    return AnswerEval(accuracy, len(records), samples)
+    return AnswerEval(accuracy, len(records), samples, ci95, n_checked)
 
 
 def held_out_records(records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

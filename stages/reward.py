@@ -11,8 +11,9 @@ init model's own samples ranked by the task checker (``on_policy_pairs.jsonl`` i
 Writes ``runs/<run>/reward/artifact/``: the reward model (a classifier, num_labels=1; or the DPO-trained causal LM,
 its frozen reference in ``reference/`` and ``implicit_reward.json``) + tokenizer, ``reward_stats.json`` (reward
 mean/std on SFT-policy samples of training prompts, for PPO) and ``eval_rewards.json`` (held-out rewards of each
-prompt's best and worst response). The manifest also holds ``pair_accuracy_by_kind`` and ``best_of_k``
-(``pipeline/analysis/``). Resumes from the newest complete Trainer checkpoint; done: skipped.
+prompt's best and worst response). The manifest also holds ``pair_accuracy_by_kind``, ``best_of_k`` (its ``all`` row
+gives ``greedy_accuracy``, ``best_of_8_accuracy`` and ``right_wrong_auc`` in ``metrics``) and the ``gate`` before
+PPO (``pipeline/analysis/``). Resumes from the newest complete Trainer checkpoint; done: skipped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import set_seed
 from transformers.integrations import TensorBoardCallback
 
+from pipeline.analysis.controls import reward_check
 from pipeline.analysis.diagnostics import reward_diagnostics
 from pipeline.data.preferences import PreferenceData, load_preferences
 from pipeline.data.records import BadRecord
@@ -115,6 +117,9 @@ def _evaluate(
     rewards = {"chosen": [round(x, 5) for x in ev.chosen], "rejected": [round(x, 5) for x in ev.rejected]}
     atomic_write_json(ctx.dir.artifact / "eval_rewards.json", rewards)
     metrics, final = stage_metrics(ev, stats, train_loss, run.trainer.state.global_step)
+    bar = ctx.cfg.report  # the gate before PPO (the reward model's best of k vs greedy): pipeline/analysis/controls.py
+    check, gate = reward_check(diagnostics["best_of_k"], bar.gate_min_best_of_k_gain, bar.gate_min_right_wrong_auc)
+    metrics.update(check)
     ctx.dir.append_metrics(final)
     log.info("reward: held-out pair accuracy %.3f (%d pairs), reward mean/std %.3f/%.3f",
              ev.pair_accuracy, ev.n_pairs, stats["mean"], stats["std"])  # fmt: skip
@@ -122,7 +127,7 @@ def _evaluate(
               "dropped_too_long": run.dropped, "skipped_bad_records": data.skipped_by_split,
               "skipped_examples": data.skipped_examples, "eval_groups": ev.n_groups, "eval_pairs": ev.n_pairs}  # fmt: skip
     extra = {"init_from": _init_dir(ctx), "loss": build.loss_description(rc, run.grouped), "data": counts,
-             "reward_stats": stats, "eval_rewards": rewards, **diagnostics}  # fmt: skip
+             "reward_stats": stats, "eval_rewards": rewards, **diagnostics, "gate": gate}  # fmt: skip
     return StageResult(metrics=metrics, extra=extra)
 
 

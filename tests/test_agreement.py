@@ -150,23 +150,29 @@ def test_best_of_k_counts_what_the_reward_model_picks():
         best_of_k(records, greedy, samples[:-1], scores, 3)
 
 
-def test_ppo_warns_when_the_reward_stage_saw_no_gain(tmp_path, caplog):
+def test_ppo_warns_when_the_reward_stages_gate_fails(tmp_path, caplog):
     import json
     import logging
 
-    from stages.ppo import _warn_if_no_visible_gain
+    from pipeline.config import ReportConfig
+    from stages.ppo import _reward_manifest, _warn_if_gate_failed
 
     row = {"n": 200, "greedy": 0.45, "sampled": 0.37, "pass_at_k": 0.53, "rm_best_of_k": 0.375, "rm_auc": 0.68,
            "auc_prompts": 50}  # fmt: skip
     (tmp_path / "artifact").mkdir()
     (tmp_path / "manifest.json").write_text(json.dumps({"best_of_k": {"k": 8, "tasks": {"all": row}}}))
     with caplog.at_level(logging.WARNING, logger="stages.ppo"):
-        _warn_if_no_visible_gain(tmp_path / "artifact")
+        _warn_if_gate_failed(_reward_manifest(tmp_path / "artifact"), ReportConfig())
+    assert "gate before PPO failed: best-of-8 gain -0.075 (needs >= 0.15" in caplog.text
+    assert "right-vs-wrong AUC 0.680 (needs >= 0.9" in caplog.text and "PPO runs anyway" in caplog.text
     assert "37.5% of the time against 45.0%" in caplog.text and "expected to lower checker accuracy" in caplog.text
     caplog.clear()
-    row["rm_best_of_k"] = 0.6  # a visible gain: nothing to warn about
+    row.update(rm_best_of_k=0.6, rm_auc=0.93)  # 15 points over greedy, AUC above 0.9: the gate passes
     (tmp_path / "manifest.json").write_text(json.dumps({"best_of_k": {"k": 8, "tasks": {"all": row}}}))
     with caplog.at_level(logging.WARNING, logger="stages.ppo"):
-        _warn_if_no_visible_gain(tmp_path / "artifact")
-        _warn_if_no_visible_gain(tmp_path / "elsewhere" / "artifact")  # no manifest (a reward model from the Hub)
+        _warn_if_gate_failed(_reward_manifest(tmp_path / "artifact"), ReportConfig())
+        _warn_if_gate_failed(_reward_manifest(tmp_path / "elsewhere" / "artifact"), ReportConfig())  # from the Hub
     assert caplog.text == ""
+    with caplog.at_level(logging.WARNING, logger="stages.ppo"):  # this run's thresholds judge the recorded numbers
+        _warn_if_gate_failed(_reward_manifest(tmp_path / "artifact"), ReportConfig(gate_min_right_wrong_auc=0.95))
+    assert "right-vs-wrong AUC 0.930 (needs >= 0.95" in caplog.text

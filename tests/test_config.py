@@ -96,14 +96,22 @@ TINY_FINGERPRINTS = {
     "pretrain": "42540cbbd2fb6f57",
     "sft": "b62cb6414bf31359",
     "reward": "ca55c3c970ab6d43",
-    "ppo": "cbbf045188843c1d",
-    "export": "7fd384801de3a411",
+    "ppo": "8c22fd0d5b89769f",
+    "export": "5e0f0d7688f0a3b9",
 }
 """configs/tiny.yaml's stage fingerprints: a change here means every finished tiny run is stale."""
 
 
 def test_tiny_fingerprints_are_pinned():
     assert all_fingerprints(load_config(CONFIG_DIR / "tiny.yaml")) == TINY_FINGERPRINTS
+
+
+def test_ppo_refuses_truncated_sampling_at_load_naming_the_key():
+    for override in ("ppo.top_k=50", "ppo.top_p=0.9"):
+        with pytest.raises(ConfigError, match=r"ppo.top_k=\d+ / ppo.top_p=[\d.]+: .*full distribution"):
+            load_config(None, [override])
+    cfg = load_config(None, ["ppo.critic_warmup_steps=3", "ppo.reward_clip=5"])
+    assert (cfg.ppo.critic_warmup_steps, cfg.ppo.reward_clip, cfg.ppo.reward_norm) == (3, 5.0, "standardize")
 
 
 def test_report_section_is_in_no_fingerprint():

@@ -257,11 +257,11 @@ def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantag
             f.unlink() if f.is_file() else shutil.rmtree(f)
     make_tiny_lm(tok, seed=7).save_pretrained(art)  # the fake SFT model is seed 0
     save_implicit_reward(art, AutoModelForCausalLM.from_pretrained(sft), 0.1, tok)
-    assert main([*args, "ppo.reward_norm=standardize"]) == 2  # a clear error, not silently unapplied
-    assert "ppo.reward_norm=standardize" in capsys.readouterr().err
-    assert not StageDir.of(cfg.run_dir, "ppo").manifest_path.exists()
-    shutil.rmtree(StageDir.of(cfg.run_dir, "ppo").root)  # the started folder of the refused config
-    assert main([*args, "ppo.frozen_device=cpu", "ppo.reference_dtype=bfloat16"]) == 0  # the frozen pair in bf16
+    # the frozen pair in bf16; ppo.reward_norm=standardize (the default) does not apply to an implicit reward,
+    # whose rewards are used as they are: not an error, and not silently unapplied either (the stage says so)
+    bf16_args = [*args, "ppo.reward_norm=standardize", "ppo.frozen_device=cpu", "ppo.reference_dtype=bfloat16"]
+    assert main(bf16_args) == 0
+    assert "ppo.reward_norm=standardize normalises a scalar reward model only" in capsys.readouterr().err
     bf16 = json.loads(StageDir.of(cfg.run_dir, "ppo").manifest_path.read_text())["metrics"]
     shutil.rmtree(StageDir.of(cfg.run_dir, "ppo").root)
     assert main(args) == 0
@@ -271,6 +271,12 @@ def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantag
     assert m["sft_reward_mean"] != 0.0  # scored by the trained LM against its reference, not a zero stand-in
     assert bf16["sft_reward_mean"] == pytest.approx(m["sft_reward_mean"], abs=0.05)  # bf16 scores close to fp32
     assert manifest["rm_vs_checker"] is not None  # the report's reward-model-vs-checker section
+    # the controls (pipeline/analysis/controls.py): a 95% interval around each accuracy, and the DPO policy itself
+    for key in ("checker_accuracy", "sft_checker_accuracy", "dpo_policy_checker_accuracy"):
+        low, high = m[f"{key}_ci95"]
+        assert 0.0 <= low <= m[key] <= high <= 1.0, key
+    assert m["kl_coef_over_dpo_beta"] == pytest.approx(cfg.ppo.kl_coef / 0.1)
+    assert {c["name"] for c in manifest["controls"]["controls"]} >= {"SFT model (greedy)", "DPO policy"}
 
     _, gae_args = stage_setup(tmp_path / "gae")
     gae_art = StageDir.of(load_config(None, gae_args).run_dir, "reward").artifact

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.analysis.checker import checker_accuracy
-from pipeline.lm import decode_answer, generate_responses, stop_token_ids
+from pipeline.lm import decode_answer, ensure_end_token, generate_responses, stop_token_ids, truncate_after_stop
 from tests.helpers_artifacts import make_tiny_lm, make_tokenizer
 
 
@@ -65,6 +65,26 @@ def test_greedy_matches_manual_argmax_and_stops_at_end(tok, lm):
             x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
     expected = tok.decode(out, skip_special_tokens=True)
     assert generate_responses(lm, tok, [prompt], max_new_tokens=10) == [expected]
+
+
+def test_only_the_end_of_turn_token_ends_a_response():
+    END, EOT, PAD = 9, 8, 0  # <|end|> (stop_ids[0]), <|endoftext|>, padding
+    ids = torch.tensor([[4, END, 5, 5], [4, EOT, 5, 5], [4, 4, 4, 4], [EOT, END, 5, 5], [END, EOT, 5, 5]])
+    out, mask, ended = truncate_after_stop(ids, [END, EOT], PAD)
+    # cut after the first stop of either kind, but ended only where that first stop is <|end|>
+    assert out.tolist() == [[4, END, 0, 0], [4, EOT, 0, 0], [4, 4, 4, 4], [EOT, 0, 0, 0], [END, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, False, False, True]
+    # what a reward model scores: every response closed by <|end|>, a <|endoftext|> kept before it
+    closed, closed_mask = ensure_end_token(out, mask, [END, EOT], PAD)
+    assert closed.tolist() == [
+        [4, END, 0, 0, 0],
+        [4, EOT, END, 0, 0],
+        [4, 4, 4, 4, END],
+        [EOT, END, 0, 0, 0],
+        [END, 0, 0, 0, 0],
+    ]
+    assert closed_mask.sum(1).tolist() == [2, 3, 5, 2, 1]
 
 
 def test_decode_cuts_at_first_stop_and_drops_special_tokens(tok):

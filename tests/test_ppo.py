@@ -14,6 +14,7 @@ import pipeline.lm
 import pipeline.rl.gae
 import pipeline.rl.kl
 import pipeline.rl.rollout
+import pipeline.rl.scores
 from pipeline.config import ConfigError, PPOStageConfig
 from pipeline.lm import disable_dropout, fuse_activations, left_pad, response_logprobs, truncate_after_stop
 from pipeline.reward import ProgrammaticReward, ScalarReward
@@ -57,7 +58,9 @@ def count_target(query_ids, query_mask, response_ids, response_mask):
     return ((response_ids == TARGET) & response_mask.bool()).sum(1).float()
 
 
-def make_trainer(ref_equals_policy=True, score_fn=count_target, reward_model=None, reward_stats=None, **overrides):
+def make_trainer(
+    ref_equals_policy=True, score_fn=count_target, reward_model=None, reward_stats=None, stop_ids=(STOP,), **overrides
+):
     cfg = PPOStageConfig(
         **{
             "max_new_tokens": 6,
@@ -76,7 +79,7 @@ def make_trainer(ref_equals_policy=True, score_fn=count_target, reward_model=Non
     policy, value = tiny_models()
     ref = copy.deepcopy(policy) if ref_equals_policy else tiny_models(seed=1)[0]
     if reward_model is not None:
-        scorer = ScalarReward(reward_model, stop_ids=[STOP], pad_id=PAD)
+        scorer = ScalarReward(reward_model, stop_ids=list(stop_ids), pad_id=PAD)
     else:
         scorer = ProgrammaticReward(score_fn)
     return PPOTrainer(
@@ -86,7 +89,7 @@ def make_trainer(ref_equals_policy=True, score_fn=count_target, reward_model=Non
         None if cfg.advantage == "group" else value,
         ref,
         scorer,
-        [STOP],
+        list(stop_ids),
         PAD,
         reward_stats,
         seed=0,
@@ -97,7 +100,7 @@ PROMPTS = [[3, 4, 5], [6, 2], [9, 10, 11, 12, 13], [4], [5, 5, 5, 5], [8, 9], [2
 
 
 def test_doctests():
-    for mod in (pipeline.lm, pipeline.rl.gae, pipeline.rl.kl, pipeline.rl.rollout):
+    for mod in (pipeline.lm, pipeline.rl.gae, pipeline.rl.kl, pipeline.rl.rollout, pipeline.rl.scores):
         assert doctest.testmod(mod).failed == 0
 
 
@@ -296,12 +299,12 @@ def test_reward_model_scores_prompt_response_and_end_token():
             resp = resp + [STOP]  # the reward model always sees a finished turn
         expected = rm(input_ids=torch.tensor([PROMPTS[i] + resp])).logits[0, 0]
         torch.testing.assert_close(ro.raw_scores[i], expected, atol=1e-5, rtol=0)
-    # centred by reward_stats, minus the penalty for responses that never ended
-    torch.testing.assert_close(ro.scores, ro.raw_scores - 0.5 - 1.0 * (~ro.ended).float())
-    # the value model (initialised from a reward model) is put on the rewards' scale: head - mean
+    # standardised by reward_stats (the default ppo.reward_norm), minus the penalty for responses that never ended
+    torch.testing.assert_close(ro.scores, (ro.raw_scores - 0.5) / 2.0 - 1.0 * (~ro.ended).float())
+    # the value model (initialised from a reward model) is put on the rewards' scale: (head - mean) / std
     raw_values = token_scores(tr.unwrapped.value_model, q, qm, ro.response_ids, ro.response_mask)
     P = q.shape[1]
-    expected_values = (raw_values[:, P - 1 : P - 1 + ro.response_ids.shape[1]] - 0.5) * ro.response_mask
+    expected_values = (raw_values[:, P - 1 : P - 1 + ro.response_ids.shape[1]] - 0.5) / 2.0 * ro.response_mask
     torch.testing.assert_close(ro.values, expected_values, atol=1e-5, rtol=0)
 
 
@@ -319,6 +322,85 @@ def test_missing_eos_penalty_and_reward_normalisation():
         torch.testing.assert_close(tr.normalise(torch.tensor([3.0])), torch.tensor([expected]))
         shift = 0.0 if norm == "none" else 1.0
         assert (tr.unwrapped.value_shift, tr.unwrapped.value_scale) == (shift, scale)
+
+
+def test_rewards_are_standardised_with_the_reward_stats_by_default():
+    assert PPOStageConfig().reward_norm == "standardize"
+    _, rm = tiny_models(seed=3)
+    m, s = 0.7, 2.5
+    tr = make_trainer(score_fn=None, reward_model=rm, reward_stats={"mean": m, "std": s})
+    # the reward stage's statistics map to mean 0 and scale 1: m -> 0, m + s -> 1, m - 2s -> -2
+    torch.testing.assert_close(tr.normalise(torch.tensor([m, m + s, m - 2 * s])), torch.tensor([0.0, 1.0, -2.0]))
+    assert (tr.unwrapped.value_shift, tr.unwrapped.value_scale) == (m, s)
+    # a scorer that is not normalised (a function here; the implicit reward, the checker) is used as it is
+    tr = make_trainer(reward_stats={"mean": m, "std": s})
+    torch.testing.assert_close(tr.normalise(torch.tensor([m, 3.0])), torch.tensor([m, 3.0]))
+
+
+def test_reward_clip_bounds_the_normalised_score_before_the_missing_eos_penalty():
+    # raw 7 with mean 1, std 2: normalised (7 - 1) / 2 = 3, clipped to 1.5, minus 0.5 where the response did not end
+    _, rm = tiny_models(seed=3)
+    tr = make_trainer(score_fn=lambda q, qm, r, m: torch.full((r.shape[0],), 7.0), reward_clip=1.5,
+                      missing_eos_penalty=0.5)  # fmt: skip
+    q, qm = left_pad(PROMPTS, PAD)
+    ro = tr.rollout(q, qm)
+    torch.testing.assert_close(ro.scores, 1.5 - 0.5 * (~ro.ended).float())  # a function's score: no normalisation
+    tr = make_trainer(score_fn=None, reward_model=rm, reward_stats={"mean": 1.0, "std": 2.0}, reward_clip=1.5)
+    torch.testing.assert_close(tr.normalise(torch.tensor([7.0])), torch.tensor([3.0]))  # logged unclipped
+    with pytest.raises(ConfigError, match="ppo.reward_clip must be >= 0"):
+        PPOStageConfig(reward_clip=-1.0)
+
+
+def test_only_the_end_of_turn_token_ends_a_response():
+    EOT = 2  # stands for <|endoftext|>: it stops generation, but only <|end|> (STOP) ends a turn
+    _, rm = tiny_models(seed=3)
+    tr = make_trainer(score_fn=None, reward_model=rm, reward_stats={"mean": 0.0, "std": 1.0},
+                      missing_eos_penalty=1.0, stop_ids=(STOP, EOT))  # fmt: skip
+    sampled = torch.tensor([[4, 5, STOP, 6], [4, EOT, 6, 6], [4, 5, 6, 7], [EOT, STOP, 0, 0]])
+    tr.sample = lambda policy, q, qm: truncate_after_stop(sampled, [STOP, EOT], PAD)
+    q, qm = left_pad(PROMPTS[:4], PAD)
+    ro = tr.rollout(q, qm)
+    assert ro.response_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert ro.ended.tolist() == [True, False, False, False]
+    # the reward model reads each response closed by <|end|>, after <|endoftext|> too
+    for i, resp in enumerate([[4, 5, STOP], [4, EOT, STOP], [4, 5, 6, 7, STOP], [EOT, STOP]]):
+        expected = rm(input_ids=torch.tensor([PROMPTS[i] + resp])).logits[0, 0]
+        torch.testing.assert_close(ro.raw_scores[i], expected, atol=1e-5, rtol=0)
+    # and the penalty applies to every response that did not end with <|end|>
+    torch.testing.assert_close(ro.scores, ro.raw_scores - torch.tensor([0.0, 1.0, 1.0, 1.0]))
+
+
+def test_critic_warmup_keeps_the_policy_bit_identical_and_trains_the_value_model():
+    tr = make_trainer(critic_warmup_steps=2, steps=3, missing_eos_penalty=1.0)
+    policy0 = copy.deepcopy(tr.unwrapped.policy.state_dict())
+    value0 = copy.deepcopy(tr.unwrapped.value_model.state_dict())
+    order = list(range(len(PROMPTS)))
+    for _ in range(2):
+        stats = tr.train_step(*tr._prompt_batch(PROMPTS, order))
+    policy = tr.unwrapped.policy.state_dict()
+    assert all(torch.equal(policy[k], policy0[k]) for k in policy0)  # bit-identical after 2 warm-up steps
+    assert any(not torch.equal(v, value0[k]) for k, v in tr.unwrapped.value_model.state_dict().items())
+    assert stats["value_loss"] > 0 and "policy_loss" in stats  # the policy's loss is computed, not trained
+    # the first step after the warm-up trains the policy, whose Adam starts afresh (its moments were still 0)
+    tr.train_step(*tr._prompt_batch(PROMPTS, order))
+    assert any(not torch.equal(v, policy0[k]) for k, v in tr.unwrapped.policy.state_dict().items())
+    opt = tr.optimizer.optimizer  # the torch AdamW inside accelerate's wrapper
+    policy_group, value_group = opt.param_groups
+    assert {float(opt.state[p]["step"]) for p in policy_group["params"]} == {tr.updates_per_step}
+    assert {float(opt.state[p]["step"]) for p in value_group["params"]} == {3 * tr.updates_per_step}
+
+
+def test_new_ppo_keys_config_errors():
+    with pytest.raises(ConfigError, match="critic_warmup_steps needs a critic"):
+        PPOStageConfig(advantage="group", samples_per_prompt=2, critic_warmup_steps=1)
+    with pytest.raises(ConfigError, match="critic_warmup_steps=100 must be < ppo.steps=100"):
+        PPOStageConfig(critic_warmup_steps=100)
+    with pytest.raises(ConfigError, match="critic_warmup_steps must be >= 0"):
+        PPOStageConfig(critic_warmup_steps=-1)
+    for bad in ({"top_k": 50}, {"top_p": 0.9}):
+        with pytest.raises(ConfigError, match=r"ppo.top_k=\d+ / ppo.top_p=[\d.]+: PPO samples from the full"):
+            PPOStageConfig(**bad)
+    assert PPOStageConfig(critic_warmup_steps=99).critic_warmup_steps == 99
 
 
 def test_ppo_raises_a_programmatic_reward():
@@ -551,6 +633,47 @@ def test_two_processes_group_advantage_trains_and_resumes(tmp_path):
         torch.testing.assert_close(w_res[k], w_full[k], atol=1e-6, rtol=0)
     resumed = json.loads(sd.manifest_path.read_text())
     assert resumed["metrics"]["reward_mean"] == pytest.approx(full["metrics"]["reward_mean"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["ddp", "zero2"])
+def test_two_processes_critic_warmup_keeps_the_policy(tmp_path, launch):
+    """Under DDP (every parameter must get a gradient) and ZeRO-2 (flat Adam partitions) the warm-up steps leave
+    the policy bit-identical to the SFT model and train the value model; the step after trains the policy, at the
+    learning rate of the one-process schedule."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg, args = stage_setup(tmp_path, ["ppo.critic_warmup_steps=2"])
+    _launch(tmp_path, launch, args, "warmup")
+    sd = StageDir.of(cfg.run_dir, "ppo")
+    ckpt = sd.checkpoints / "step_000002"
+    if launch == "ddp":
+        step2 = load_file(ckpt / "model.safetensors")
+    else:  # DeepSpeed's own layout: the whole module's weights in the model-states file
+        (states,) = ckpt.rglob("mp_rank_00_model_states.pt")
+        step2 = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    sft = AutoModelForCausalLM.from_pretrained(StageDir.of(cfg.run_dir, "sft").artifact).state_dict()
+    rm = AutoModelForSequenceClassification.from_pretrained(StageDir.of(cfg.run_dir, "reward").artifact).state_dict()
+    policy = {k[len("policy.") :]: v for k, v in step2.items() if k.startswith("policy.")}
+    value = {k[len("value_model.") :]: v for k, v in step2.items() if k.startswith("value_model.")}
+    assert policy and all(torch.equal(v, sft[k]) for k, v in policy.items())
+    assert value and any(not torch.equal(v, rm[k]) for k, v in value.items())
+    w_final = _artifact_weights(cfg)
+    assert any(not torch.equal(w_final[k], sft[k]) for k in sft)
+    # after the warm-up the policy's Adam restarted: step 3's 4 updates against the value model's 3 x 4
+    ckpt3 = sd.checkpoints / "step_000003"
+    if launch == "ddp":
+        opt = torch.load(ckpt3 / "optimizer.bin", map_location="cpu", weights_only=False)
+        steps = [{float(opt["state"][i]["step"]) for i in g["params"]} for g in opt["param_groups"]]
+    else:  # one flat partition per parameter group
+        (optim_file,) = ckpt3.rglob("zero_pp_rank_0_mp_rank_00_optim_states.pt")
+        opt = torch.load(optim_file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        steps = [{float(st["step"])} for st in opt["base_optimizer_state"]["state"].values()]
+    assert steps == [{4.0}, {12.0}]
+    # the linear schedule spans the run as with one process (accelerate steps it once per process per update)
+    lrs = [r["ppo/lr"] for r in sd.read_metrics() if "ppo/lr" in r]
+    assert lrs == pytest.approx([1e-3 * 2 / 3, 1e-3 / 3, 0.0])
 
 
 def test_bf16_reference_runs_without_gradients():

@@ -16,6 +16,7 @@ from pipeline.rl.kl import (
     sequence_returns,
 )
 from pipeline.rl.losses import explained_variance, policy_loss, value_loss
+from pipeline.rl.scores import final_scores, reward_normalisation
 
 NAN = float("nan")
 
@@ -184,3 +185,20 @@ def test_entropy_logprobs_and_explained_variance():
         torch.tensor([[1, 1, 1, 1, 0]]),
     )
     close(ev, 0.85)
+
+
+def test_reward_normalisation_and_final_scores_hand_computed():
+    # standardize with mean 1, std 2: raw 1 -> 0, raw 3 -> 1, raw 11 -> 5, raw -4 -> -2.5
+    shift, scale = reward_normalisation("standardize", {"mean": 1.0, "std": 2.0})
+    normalised = (torch.tensor([1.0, 3.0, 11.0, -4.0]) - shift) / scale
+    close(normalised, [0.0, 1.0, 5.0, -2.5])
+    assert reward_normalisation("center", {"mean": 1.0, "std": 2.0}) == (1.0, 1.0)
+    assert reward_normalisation("none", {"mean": 1.0, "std": 2.0}) == (0.0, 1.0)
+    assert reward_normalisation("standardize", {"mean": 1.0, "std": 0.0}) == (1.0, 1e-8)  # no division by 0
+    ended = torch.tensor([True, False, True, False])
+    # reward_clip 2: [0, 1, 2, -2]; penalty 0.5 where not ended: [0, 0.5, 2, -2.5]
+    close(final_scores(normalised, ended, reward_clip=2.0, missing_eos_penalty=0.5), [0.0, 0.5, 2.0, -2.5])
+    # reward_clip 0 is off: [0, 1, 5, -2.5] minus the penalty [0, 0.5, 0, 0.5]
+    close(final_scores(normalised, ended, reward_clip=0.0, missing_eos_penalty=0.5), [0.0, 0.5, 5.0, -3.0])
+    with pytest.raises(ValueError, match="reward_clip must be >= 0"):
+        final_scores(normalised, ended, reward_clip=-1.0)

@@ -5,7 +5,7 @@ reward model prefers among ``k`` (best-of-k) and with pass@k (some sample right)
 the reward model prefers; when its best-of-k is not above greedy accuracy, PPO has no reward-model-visible gain to
 find, and checker accuracy is expected to fall as the policy moves. :func:`pipeline.analysis.diagnostics.held_out_best_of_k`
 draws the samples for the reward stage's check; ``bench/rl_headroom.py`` runs the same on any policy and reward
-model. This module only tabulates (no models), so the report imports it without torch.
+model. This module only tabulates: it loads no model.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def reward_diagnostics(
         k, n_prompts, max_new_tokens, batch_size, seed: the best-of-k check (``reward.best_of_k`` and friends).
     """
     by_kind = pair_accuracy_by_kind(held_out, group_rewards)
-    bok = held_out_best_of_k(policy(), scorer, tokenizer, held_out, k, n_prompts, max_new_tokens, batch_size, seed)
+    bok = held_out_best_of_k(policy, scorer, tokenizer, held_out, k, n_prompts, max_new_tokens, batch_size, seed)
     if bok:
         a = bok["all"]
         log.info("reward: SFT policy on %d held-out prompts: greedy %.3f, pass@%d %.3f, reward model's best of %d %.3f",
@@ -92,7 +92,7 @@ def policy_best_of_k(
 
 
 def held_out_best_of_k(
-    policy: Any,
+    policy: Callable[[], Any],
     scorer: RewardScorer,
     tokenizer: Any,
     groups: list[PreferenceGroup],
@@ -104,7 +104,7 @@ def held_out_best_of_k(
 ) -> dict[str, dict[str, Any]] | None:
     """:func:`policy_best_of_k` on the first ``n_prompts`` distinct single-message prompts with a checker among the
     held-out ``groups``: greedy and ``k`` samples (temperature 1, ``seed``) of up to ``max_new_tokens`` tokens each.
-    None when no prompt has a checker or ``k`` is 0."""
+    None when no prompt has a checker or ``k`` is 0 (``policy()`` is then never called: it loads the model)."""
     records: dict[str, dict[str, Any]] = {}
     for g in groups:
         if isinstance(g.prompt, str) and has_checker(g.meta):
@@ -112,4 +112,4 @@ def held_out_best_of_k(
     recs = list(records.values())[:n_prompts]
     if not recs or not k:
         return None
-    return policy_best_of_k(policy, scorer, tokenizer, recs, k, max_new_tokens, batch_size, seed)
+    return policy_best_of_k(policy(), scorer, tokenizer, recs, k, max_new_tokens, batch_size, seed)

@@ -33,8 +33,11 @@ class PPOStageConfig:
     temperature: float = 1.0
     """Sampling temperature; log-probs are computed from logits / temperature (the sampling distribution)."""
     top_k: int = 0
-    """0: off."""
+    """Must stay 0 (off): PPO's ratio and KL use log-probs of the full (temperature-scaled) distribution, so
+    sampling from a top-k-truncated one would make the behaviour policy differ from the one whose log-probs
+    are used. Kept as a key so that setting it is refused with this reason, not as an unknown key."""
     top_p: float = 1.0
+    """Must stay 1 (off), for the same reason as ``top_k``."""
     rollout_batch_size: int = 64
     """Responses per PPO step (per process): ``rollout_batch_size / samples_per_prompt`` prompts."""
     samples_per_prompt: int = 1
@@ -53,7 +56,15 @@ class PPOStageConfig:
     lr: float = 1e-5
     """Policy learning rate (AdamW, no weight decay)."""
     value_lr: float = 0.0
-    """0: same as lr."""
+    """Learning rate of the value model's parameter group (AdamW); 0: the same as ``lr``. Default: one rate
+    for policy and value, as lm-human-preferences (Ziegler et al. 2019) and TRL's PPOTrainer, which train both
+    with one optimizer; OpenRLHF's example scripts give their separate critic a higher one (9e-6 against 5e-7)."""
+    critic_warmup_steps: int = 0
+    """The first this many PPO steps train only the value model: the policy's loss term is multiplied by 0
+    (its weights stay bit-identical), so a critic initialised from the reward model first learns the policy's
+    returns before its advantages move the policy. 0: off (new behaviour is opt-in); OpenRLHF's
+    ``--freezing_actor_steps`` (default off). Needs a critic (not ``advantage=group``) and fewer than
+    ``steps``; the learning-rate schedule counts these steps too."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
     warmup_steps: int = 0
     """In PPO steps."""
@@ -68,7 +79,10 @@ class PPOStageConfig:
     cliprange_value: float = 0.2
     """Value clip around the rollout-time value."""
     vf_coef: float = 0.1
-    """Weight of the value loss in the joint loss."""
+    """Weight of the clipped value loss in the joint loss ``policy_loss + vf_coef * value_loss - entropy_coef *
+    entropy``. Policy and value model are separate networks here, so it only scales the value model's gradient;
+    AdamW is nearly invariant to that scale, so it acts mostly through ``grad_clip`` (which clips the joint
+    norm) and ``adam_eps``. Default 0.1: lm-human-preferences (Ziegler et al. 2019) and TRL's PPOConfig."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (0: entropy is only logged)."""
     kl_coef: float = 0.05
@@ -83,17 +97,27 @@ class PPOStageConfig:
     """Normalise advantages to mean 0, std 1 over the rollout's response tokens (group advantages, already
     centred per prompt, are only scaled to std 1)."""
     missing_eos_penalty: float = 1.0
-    """Subtracted from the score of a response that never produces the end-of-turn token."""
+    """Subtracted from the score of a response that does not end with the end-of-turn token (it reached
+    ``max_new_tokens``, or stopped at ``<|endoftext|>``/eos instead), after normalisation and ``reward_clip``:
+    with ``reward_norm=standardize`` it is in the reward model's standard deviations on SFT samples. Default
+    1.0: TRL's ``missing_eos_penalty`` (subtracted, as here); Huang et al. 2024 ("The N+ implementation
+    details of RLHF with PPO") set such a response's score to -1 on a reward normalised the same way."""
     reference_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of the frozen reference and reward models (bf16 halves their memory; an implicit reward model's
     two LMs too)."""
     frozen_device: Literal["auto", "cpu"] = "auto"
     """auto: the frozen models live on the training device; cpu: offloaded to CPU memory and run there."""
-    reward_norm: Literal["center", "standardize", "none"] = "center"
-    """How the reward model's raw score is normalised with its reward_stats.json: score - mean
-    (InstructGPT: the SFT policy's rewards have mean 0), (score - mean) / std, or left raw. An implicit (DPO)
-    reward is used raw (its scale is reward.dpo_beta; group advantages cancel a shift); standardize is then an
-    error."""
+    reward_norm: Literal["center", "standardize", "none"] = "standardize"
+    """How the scalar reward model's raw score is normalised with its reward_stats.json (its scores on SFT
+    samples): standardize, (score - mean) / std; center, score - mean (InstructGPT: the SFT policy's rewards
+    have mean 0); none, left raw. The value model's outputs get the same shift and scale. Default standardize:
+    Ziegler et al. 2019 (lm-human-preferences) normalise the reward model to mean 0 and variance 1 on the
+    initial policy's samples; OpenRLHF's and TRL RLOO's ``normalize_reward`` standardise (opt-in). It does not
+    apply to an implicit (DPO) reward or the checker, whose rewards are used as they are (the stage logs so)."""
+    reward_clip: float = 0.0
+    """Clip the normalised score to ``[-reward_clip, reward_clip]`` before ``missing_eos_penalty`` (a guard
+    against a learned reward's outliers); 0: off (new behaviour is opt-in). OpenRLHF's
+    ``--reward_clip_range`` (default ±10) and TRL RLOO's ``reward_clip_range`` (10, on normalised rewards)."""
     forward_batch_size: int = 0
     """Sequences per no-grad scoring forward during rollouts (0: the whole rollout batch at once)."""
     adam_eps: float = 1e-5
@@ -146,8 +170,24 @@ class PPOStageConfig:
             )
         if self.temperature <= 0:
             problems.append(f"ppo.temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"ppo.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k != 0 or self.top_p != 1.0:
+            problems.append(
+                f"ppo.top_k={self.top_k} / ppo.top_p={self.top_p}: PPO samples from the full distribution "
+                "(ppo.top_k=0, ppo.top_p=1); its ratio and KL use the full distribution's log-probs, so sampling "
+                "from a truncated one would train on a behaviour policy other than the one the log-probs describe. "
+                "Use ppo.temperature to sharpen sampling"
+            )
+        if self.critic_warmup_steps < 0:
+            problems.append(f"ppo.critic_warmup_steps must be >= 0, got {self.critic_warmup_steps}")
+        elif self.critic_warmup_steps and self.advantage == "group":
+            problems.append("ppo.critic_warmup_steps needs a critic; ppo.advantage=group has none (set it to 0)")
+        elif self.critic_warmup_steps >= self.steps >= 1:
+            problems.append(
+                f"ppo.critic_warmup_steps={self.critic_warmup_steps} must be < ppo.steps={self.steps} "
+                "(the policy would never train)"
+            )
+        if self.reward_clip < 0:
+            problems.append(f"ppo.reward_clip must be >= 0 (0: off), got {self.reward_clip}")
         if self.lr <= 0 or self.value_lr < 0:
             problems.append(f"ppo.lr must be > 0 and ppo.value_lr >= 0 (lr={self.lr}, value_lr={self.value_lr})")
         for k in ("gamma", "lam"):

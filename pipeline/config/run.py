@@ -53,7 +53,9 @@ class ExportConfig:
 @dataclass(frozen=True)
 class ReportConfig:
     """The quality bar of the run report (``pipeline/report.py``): the thresholds its checklist marks "met".
-    It judges finished stages and changes none of them, so no stage's fingerprint includes it."""
+    It judges finished stages and changes none of them, so no stage's fingerprint includes it: the reward stage
+    records its gate with the thresholds of its run, and PPO and the report judge the same numbers again with the
+    current ones."""
 
     max_wall_time_s: float = 900.0
     """The whole run, every stage done, within this many seconds (15 min: the default run's budget)."""
@@ -61,6 +63,13 @@ class ReportConfig:
     """The reward model's held-out pair accuracy at least this."""
     min_ppo_accuracy_gain: float = 0.05
     """PPO's held-out checker accuracy at least this far above the SFT model's (0.05: 5 points)."""
+    gate_min_best_of_k_gain: float = 0.15
+    """The gate before PPO (issue 19): the reward model's best of ``reward.best_of_k`` SFT samples at least this far
+    above the SFT model's greedy accuracy (0.15: 15 points); below it PPO has little gain the reward model can see.
+    The reward stage records the gate, PPO warns when it fails (and runs), the report marks it."""
+    gate_min_right_wrong_auc: float = 0.90
+    """The gate's second condition: the reward model scores a right sample above a wrong one of the same prompt at
+    least this often (the best-of-k check's right-vs-wrong AUC; 0.90)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +79,10 @@ class ReportConfig:
             problems.append(f"report.min_reward_pair_accuracy must be in [0, 1], got {self.min_reward_pair_accuracy}")
         if not -1.0 <= self.min_ppo_accuracy_gain <= 1.0:
             problems.append(f"report.min_ppo_accuracy_gain must be in [-1, 1], got {self.min_ppo_accuracy_gain}")
+        if not -1.0 <= self.gate_min_best_of_k_gain <= 1.0:
+            problems.append(f"report.gate_min_best_of_k_gain must be in [-1, 1], got {self.gate_min_best_of_k_gain}")
+        if not 0.0 <= self.gate_min_right_wrong_auc <= 1.0:
+            problems.append(f"report.gate_min_right_wrong_auc must be in [0, 1], got {self.gate_min_right_wrong_auc}")
         if problems:
             raise ConfigError("; ".join(problems))
 

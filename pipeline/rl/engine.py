@@ -16,7 +16,7 @@ from trl.models.utils import add_hooks, remove_hooks
 from pipeline.config import PPOStageConfig
 from pipeline.training import is_zero3
 
-__all__ = ["is_deepspeed", "frozen_placement", "build_optimizer", "gathered_policy"]
+__all__ = ["is_deepspeed", "frozen_placement", "build_optimizer", "gathered_policy", "restart_untouched_adam_state"]
 
 
 def is_deepspeed(accelerator: Any) -> bool:
@@ -73,10 +73,48 @@ def build_optimizer(
         ds["gradient_accumulation_steps"] = 1
         ds["gradient_clipping"] = cfg.grad_clip
         ds["train_batch_size"] = cfg.minibatch_size * accelerator.num_processes
-    return optimizer, _make_scheduler(cfg, optimizer, total_updates)
+    return optimizer, _make_scheduler(cfg, optimizer, total_updates, _scheduler_steps_per_update(accelerator))
 
 
-def _make_scheduler(cfg: PPOStageConfig, optimizer: torch.optim.Optimizer, total: int) -> Any:
+def _scheduler_steps_per_update(accelerator: Any) -> int:
+    """How many times ``accelerator.prepare``'s scheduler wrapper steps the schedule per optimizer update: once per
+    process (accelerate assumes a schedule sized for one process reading the whole dataset; ours counts each
+    process's own updates, so it is stretched by the same factor), once with ``split_batches``."""
+    if getattr(accelerator, "split_batches", False) or not getattr(accelerator, "step_scheduler_with_optimizer", True):
+        return 1
+    return accelerator.num_processes
+
+
+def _make_scheduler(cfg: PPOStageConfig, optimizer: torch.optim.Optimizer, total: int, per_update: int = 1) -> Any:
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]
     warmup = cfg.warmup_steps * (total // max(cfg.steps, 1))  # warmup_steps counts PPO steps
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup * per_update, num_training_steps=total * per_update)
+
+
+def restart_untouched_adam_state(optimizer: Any) -> int:
+    """Reset Adam's step count of every state tensor whose moments are exactly zero (it never had a gradient).
+
+    The critic warm-up (``ppo.critic_warmup_steps``) gives the policy zero gradients: Adam's moments stay exactly 0
+    and the weights unchanged, but its step count advances, and a stale count would inflate the policy's first
+    real updates (a bias correction ``1 - beta2^t`` near 1 over a second moment that has barely started). After
+    the warm-up the policy's state is thus restarted, as if it had never been stepped (OpenRLHF, whose frozen
+    actor is never stepped). Matching zero moments instead of named parameters works on every backend: torch
+    keeps one state per parameter, DeepSpeed one per flat (ZeRO-3: sub-group) partition of each parameter group.
+
+    Args:
+        optimizer: the prepared optimizer (accelerate's and DeepSpeed's wrappers are looked through).
+
+    Returns:
+        The number of state entries restarted (on this process).
+    """
+    inner = optimizer
+    while hasattr(inner, "optimizer"):  # accelerate's AcceleratedOptimizer, DeepSpeed's ZeRO optimizer
+        inner = inner.optimizer
+    n = 0
+    for state in inner.state.values():
+        m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+        if m is None or v is None or bool(m.any()) or bool(v.any()):
+            continue
+        state["step"] = state["step"].zero_() if torch.is_tensor(state["step"]) else 0
+        n += 1
+    return n

@@ -1,7 +1,9 @@
 """Held-out evaluation of PPO: greedy answers of the policy and of the SFT model, scored by the reward model and
-the task checker, and the KL of sampled answers to the reference.
+the task checker, and the KL of sampled answers to the reference; with a DPO (implicit) reward, the DPO policy's
+greedy answers to the same prompts (a control PPO must beat, ``pipeline/analysis/controls.py``).
 
     metrics, answers = evaluate_held_out(trainer, tokenizer, held_out_records, held_out_prompt_ids)
+    dpo = evaluate_dpo_policy(scorer, held_out_records, max_new_tokens=64, batch_size=32)
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from pipeline.analysis.checker import checker_accuracy
-from pipeline.lm import generate, left_pad
+from pipeline.analysis.checker import checker_accuracy_ci
+from pipeline.lm import generate, generate_responses, left_pad
 
 from .trainer import PPOTrainer
 
-__all__ = ["evaluate_prompts", "evaluate_held_out"]
+__all__ = ["evaluate_prompts", "evaluate_held_out", "evaluate_dpo_policy"]
 
 
 @torch.no_grad()
@@ -76,7 +78,8 @@ def evaluate_held_out(
 
     Returns:
         ``(metrics, answers)``: ``reward_mean``, ``sft_reward_mean``, ``kl``, ``checker_accuracy``,
-        ``sft_checker_accuracy``, ``ended`` and ``n_eval``; per prompt ``prompt``, ``task``, ``answer``
+        ``sft_checker_accuracy`` (each with ``_ci95``, the 95% Wilson interval [low, high]), ``ended`` and
+        ``n_eval``; per prompt ``prompt``, ``task``, ``answer``
         (the record's ground truth, None without a checker), ``sft``, ``sft_score``, ``policy``, ``policy_score``.
     """
     acc = trainer.accelerator
@@ -90,12 +93,16 @@ def evaluate_held_out(
     policy_text = [tokenizer.decode(r["policy_ids"], skip_special_tokens=True) for r in results]
     sft_text = [tokenizer.decode(r["sft_ids"], skip_special_tokens=True) for r in results]
     n = len(results)
+    acc, ci95, _ = checker_accuracy_ci(records, policy_text)
+    sft_acc, sft_ci95, _ = checker_accuracy_ci(records, sft_text)
     metrics = {
         "reward_mean": sum(r["policy_score"] for r in results) / n,
         "sft_reward_mean": sum(r["sft_score"] for r in results) / n,
         "kl": sum(r["kl"] for r in results) / n,
-        "checker_accuracy": checker_accuracy(records, policy_text),
-        "sft_checker_accuracy": checker_accuracy(records, sft_text),
+        "checker_accuracy": acc,
+        "checker_accuracy_ci95": ci95,
+        "sft_checker_accuracy": sft_acc,
+        "sft_checker_accuracy_ci95": sft_ci95,
         "ended": sum(r["policy_ended"] for r in results) / n,
         "n_eval": n,
     }
@@ -112,6 +119,34 @@ def evaluate_held_out(
         for rec, r, s, p in zip(records, results, sft_text, policy_text)
     ]
     return metrics, answers
+
+
+@torch.no_grad()
+def evaluate_dpo_policy(
+    scorer: Any, records: list[dict[str, Any]], max_new_tokens: int, batch_size: int
+) -> dict[str, Any]:
+    """The DPO-trained LM of an implicit reward (``scorer.model``) answering ``records`` greedily, by the checker.
+
+    Call on one process: generation is not synchronised across processes (``synced_gpus=False``, also under
+    ZeRO-3, whose frozen reward models are whole), and the global RNG state is restored afterwards, although greedy
+    decoding draws nothing from it.
+
+    Args:
+        scorer: an implicit reward (``kind == "implicit"``): ``.model`` and ``.tokenizer``.
+        records: held-out prompt records (``prompt``, and ``task``/``answer`` where a checker exists).
+        max_new_tokens: answer length limit (``ppo.max_new_tokens``, as PPO's own answers).
+        batch_size: prompts per ``generate`` call.
+
+    Returns:
+        ``dpo_policy_checker_accuracy`` and its ``_ci95`` (None without a checker), and ``dpo_policy_n_checked``
+        (the prompts with a checker).
+    """
+    device = next(scorer.model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        responses = generate_responses(scorer.model, scorer.tokenizer, [r["prompt"] for r in records],
+                                       max_new_tokens, batch_size=batch_size, synced_gpus=False)  # fmt: skip
+    acc, ci95, n = checker_accuracy_ci(records, responses)
+    return {"dpo_policy_checker_accuracy": acc, "dpo_policy_checker_accuracy_ci95": ci95, "dpo_policy_n_checked": n}
 
 
 def _answer_ids(ids: torch.Tensor, mask: torch.Tensor, stop_ids: list[int]) -> list[int]:

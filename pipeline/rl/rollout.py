@@ -46,9 +46,10 @@ class Rollout:
     raw_scores: torch.Tensor
     """(B,) reward-model score of prompt+response."""
     scores: torch.Tensor
-    """(B,) the score PPO maximises: normalised reward minus the penalty for not ending."""
+    """(B,) the score PPO maximises: normalised (optionally clipped) reward minus the penalty for not ending
+    (:func:`pipeline.rl.scores.final_scores`)."""
     ended: torch.Tensor
-    """(B,) bool: the response produced a stop token."""
+    """(B,) bool: the response ended with the end-of-turn token (not another stop token, nor the length limit)."""
     advantages: torch.Tensor | None = None
     """(B, T) GAE advantages (whitened when configured), set by the trainer before the PPO epochs."""
     returns: torch.Tensor | None = None

@@ -5,9 +5,10 @@ RLHF with PPO" (Huang et al. 2022/2024):
 
 - policy initialised from the SFT model, value model from the reward model (a separate network whose
   score head is applied at every position), frozen reference (the SFT model) and frozen reward model;
-- rollouts: left-padded prompts, KV-cache sampling (temperature, top-k/top-p), stop at end-of-turn;
-  the reward model scores prompt+response at the response's last token, centred with its saved
-  statistics; a response that never ends loses ``missing_eos_penalty``;
+- rollouts: left-padded prompts, KV-cache sampling from the full distribution (temperature only), stop at
+  end-of-turn; the reward model scores prompt+response at the response's last token, standardised with its
+  saved statistics (:mod:`pipeline.rl.scores`: optional clipping, ``missing_eos_penalty`` without ``<|end|>``);
+- optionally a critic warm-up (OpenRLHF): the first ``critic_warmup_steps`` steps train only the value model;
 - per-token KL penalty against the reference, fixed or adaptive (Ziegler et al. 2019);
 - GAE, advantage whitening, clipped policy and value losses, optional entropy bonus, several epochs of
   shuffled minibatches, gradient clipping, a learning-rate schedule; dropout is disabled;
@@ -55,11 +56,12 @@ from pipeline.reward.scorer import RewardScorer
 from pipeline.runs import StageDir, StageError
 from pipeline.training import Interrupted, StopSignal
 
-from .engine import build_optimizer, frozen_placement, gathered_policy, is_deepspeed
+from .engine import build_optimizer, frozen_placement, gathered_policy, is_deepspeed, restart_untouched_adam_state
 from .gae import compute_gae, group_advantages, masked_mean, masked_var, masked_whiten
 from .kl import compute_rewards, make_kl_controller, sequence_returns
 from .losses import explained_variance, policy_loss, value_loss
 from .rollout import PolicyAndValue, Rollout
+from .scores import final_scores, reward_normalisation
 
 __all__ = ["PPOTrainer"]
 
@@ -116,14 +118,9 @@ class PPOTrainer:
         scorer.place(frozen_device, dtype)
         self.scorer = scorer
 
-        # (score - shift) / scale: the reward model's score normalised with its saved statistics. The value
-        # model (initialised from the reward model) is put on the same scale, also when the scorer's own
-        # rewards are left as they are (implicit rewards, the checker)
-        shift, scale = 0.0, 1.0
-        if cfg.reward_norm != "none":
-            shift = float(self.reward_stats["mean"])
-            if cfg.reward_norm == "standardize":
-                scale = max(float(self.reward_stats.get("std", 1.0)), 1e-8)
+        # the value model (initialised from the reward model) is put on the normalised scale, also when the
+        # scorer's own rewards are left as they are (implicit rewards, the checker)
+        shift, scale = reward_normalisation(cfg.reward_norm, self.reward_stats)
         self.reward_shift, self.reward_scale = (shift, scale) if scorer.normalised else (0.0, 1.0)
         model = PolicyAndValue(policy, value_model, shift, scale)
         self.updates_per_step = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.minibatch_size)
@@ -147,7 +144,7 @@ class PPOTrainer:
         return model.to(device=device, dtype=dtype)
 
     def sample(self, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Responses sampled with the rollout settings (``ppo.temperature``, ``top_k``, ``top_p``)."""
+        """Responses sampled with the rollout settings (``ppo.temperature``; top-k/top-p are refused by the config)."""
         c = self.cfg
         return generate(policy, query_ids, query_mask, c.max_new_tokens, self.stop_ids, self.pad_id,
                         do_sample=True, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)  # fmt: skip
@@ -200,7 +197,7 @@ class PPOTrainer:
             parts["raw"].append(self.score(q, qm, r, rm))
         mask = response_mask.float()
         raw = torch.cat(parts["raw"])
-        scores = self.normalise(raw) - c.missing_eos_penalty * (~ended).float()
+        scores = final_scores(self.normalise(raw), ended, c.reward_clip, c.missing_eos_penalty)
         return Rollout(
             query_ids=query_ids,
             query_mask=query_mask,
@@ -230,14 +227,18 @@ class PPOTrainer:
         assert mb.advantages is not None and mb.returns is not None and entropy is not None
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, c.cliprange)
         ent = masked_mean(entropy, mask)
-        loss = pg_loss
+        # critic warm-up: the policy's terms times 0 keep every policy parameter in the graph (DDP reduces, and
+        # DeepSpeed's hooks expect, a gradient for each) with zero gradients, which leave AdamW's zero moments
+        # and, without weight decay, the weights exactly as they were; lr=0 instead would fill its moments
+        warm = self.step < c.critic_warmup_steps
+        loss = 0.0 * pg_loss if warm else pg_loss
         parts = {"policy_loss": pg_loss, "entropy": ent, **pg_stats}
         if c.advantage != "group":  # group advantages have no critic
             vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, c.cliprange_value)
             loss = loss + c.vf_coef * vf_loss
             parts.update(value_loss=vf_loss, **vf_stats)
         if c.entropy_coef:
-            loss = loss - c.entropy_coef * ent
+            loss = loss - (0.0 if warm else c.entropy_coef) * ent
         if not torch.isfinite(loss):
             losses = ", ".join(f"{k} {parts[k].item()}" for k in ("policy_loss", "value_loss") if k in parts)
             raise StageError(
@@ -318,6 +319,8 @@ class PPOTrainer:
     def train_step(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> dict[str, float]:
         """One PPO step (rollout + update) on this process's prompts; returns metrics averaged over processes."""
         t0 = time.perf_counter()
+        if self.step == self.cfg.critic_warmup_steps > 0:  # the warm-up is over: the policy's Adam starts afresh
+            restart_untouched_adam_state(self.optimizer)
         ro = self.rollout(query_ids, query_mask)
         t_rollout = time.perf_counter() - t0
         kl_coef = self.kl_ctl.value
