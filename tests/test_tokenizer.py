@@ -21,9 +21,12 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 def _reference_text() -> str:
     if SHAKESPEARE.is_file():
         return SHAKESPEARE.read_text(encoding="utf-8")
-    # CI machines without the shared folder: a deterministic stand-in with the same flavour
+    # without the shared folder: a deterministic stand-in with the same flavour and enough distinct words for a
+    # 1,024-token BPE (3,000 pseudo-words of syllables, plus Shakespeare's punctuation and contractions)
     rng = random.Random(0)
-    words = "thou art the king of Denmark ROMEO: JULIET: what's 'tis o'er we'll I've don't 1599 -- ; ! ?".split()
+    syllables = [a + b for a in "bcdfghklmnprstvw" for b in "aeiou"] + ["th", "st", "ng", "er", "ou"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
+    words += "thou art the king of Denmark ROMEO: JULIET: what's 'tis o'er we'll I've don't 1599 -- ; ! ?".split()
     return "\n\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for _ in range(4000))
 
 
