@@ -7,7 +7,8 @@ in order (``lineage.stage_inputs``), and for each:
 - **missing** or **partial** (checkpoints, no manifest): launched as a subprocess, which starts or resumes;
 - **stale** (made with another config or other inputs): stops with a message naming each changed key
   (``sft.lr: 0.0005 -> 0.0001``) or input, unless forced (``FORCE=1``), which moves the old folder
-  aside (``<stage>.old-<time>``) and never deletes anything.
+  aside (``<stage>.old-<time>``) and never deletes anything;
+- **broken** (artifact gone) or **corrupt** (unreadable manifest): stops naming the file, unless forced (moved aside).
 
 Training stages run under ``accelerate launch`` with ``configs/accelerate/<launch>.yaml``; ``launch="cpu"``
 and the tokenizer/export stages run as plain ``python -m stages.<stage>`` (fast start-up). A stage's state and
@@ -33,7 +34,7 @@ from pathlib import Path
 from .config import ConfigError, RunConfig, load_config
 from .filecheck import check_checkpoint
 from .lineage import all_fingerprints, stage_inputs
-from .publish import publish
+from .publish import check_export_dir, publish
 from .runs import KEY_METRICS, STAGES, StageDir, StageError
 from .status import StageStatus, format_value, run_status, stage_status
 
@@ -164,25 +165,27 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
 
     Raises:
         ConfigError: bad config, override or launch option.
-        StageError: a stale stage (without force), a broken done stage, a corrupt checkpoint, a stage that
+        StageError: a stale stage (without force), a broken done stage, a corrupt manifest or checkpoint, a stage that
             exited 0 without writing its manifest, or a failed stage (then ``returncode`` holds its exit code,
             128+N when signal N stopped it).
     """
     cfg = load_config(opts.config_path, opts.overrides)
     fps = all_fingerprints(cfg)
+    if target in ("all", "export") and cfg.export.dir:
+        check_export_dir(cfg.export.dir, cfg.run_dir)  # before any stage runs
     t_start = time.time()
     for stage in plan(cfg, target):
         st = stage_status(cfg, stage, fps)
         if st.state == "done":
             log.info("%-9s done, skipped (%s)", stage, st.path / "manifest.json")
             continue
-        if st.state == "broken":
+        if st.state in ("broken", "corrupt"):
             if not opts.force:
                 raise StageError(
                     f"stage '{stage}': {st.changes[0]}. Nothing was changed. Use FORCE=1 to move {st.path} aside "
                     f"(to {st.path.name}.old-<time>/, never deleted) and make the stage again."
                 )
-            log.info("%-9s broken, moved aside to %s", stage, StageDir.of(cfg.run_dir, stage).move_aside())
+            log.info("%-9s %s, moved aside to %s", stage, st.state, StageDir.of(cfg.run_dir, stage).move_aside())
         if st.state == "stale" and not opts.force:
             raise _stale_error(st)
         _check_resumable(cfg, st, opts.force)
@@ -206,7 +209,7 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
             )
         log.info("%-9s done in %.1fs -> %s", stage, time.time() - t0, after.path / "artifact")
     if target in ("all", "export") and cfg.export.dir:
-        publish(StageDir.of(cfg.run_dir, "export").artifact, Path(cfg.export.dir))
+        publish(StageDir.of(cfg.run_dir, "export").artifact, Path(cfg.export.dir), cfg.run_dir)
     log.info("%s: up to date (%.1fs)", target, time.time() - t_start)
     return 0
 

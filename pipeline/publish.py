@@ -12,21 +12,69 @@ import os
 import shutil
 from pathlib import Path
 
-from .runs import StageDir
+from .config import ConfigError
+from .runs import STAGES, StageDir
 
-__all__ = ["publish"]
+__all__ = ["publish", "check_export_dir"]
 
 log = logging.getLogger(__name__)
 
+_PROJECT = Path(__file__).resolve().parents[1]
+"""The folder holding this project's pyproject.toml."""
 
-def publish(artifact: Path, dest: Path) -> bool:
-    """Copy the export artifact to ``dest`` (``EXPORT_DIR``) unless an identical copy is already there.
+
+def _git_checkout(start: Path) -> Path | None:
+    return next((d for d in (start, *start.parents) if (d / ".git").exists()), None)
+
+
+def check_export_dir(dest: str | Path, run_dir: str | Path) -> Path:
+    """The folder ``export.dir`` names, resolved, once it is safe to replace with the export.
+
+    Publishing moves whatever ``dest`` holds aside, so ``dest`` must neither be nor hold the run root, the run
+    folder, a stage folder, this project, the current git checkout or the current folder, and must not lie inside
+    a stage folder (only the export artifact itself, where there is nothing to copy).
+
+    Raises:
+        ConfigError: naming ``export.dir``, the path and what it would have moved; nothing is touched.
+    """
+    raw = str(dest)
+    where = f"export.dir={raw}"
+    if raw.strip() == "" or Path(raw).name in ("", ".", ".."):
+        raise ConfigError(
+            f"{where}: not a folder name to publish the export into; name a new folder, e.g. export.dir=hf_export"
+        )
+    d = Path(raw).expanduser().resolve()
+    run_dir = Path(run_dir).resolve()
+    cwd = Path.cwd().resolve()
+    guarded = {"the run root": run_dir.parent, "the run folder": run_dir, "this project": _PROJECT}
+    guarded |= {f"the {s} stage folder": run_dir / s for s in STAGES}
+    guarded |= {"the current folder": cwd, "the git checkout": _git_checkout(cwd) or cwd}
+    for what, p in guarded.items():
+        if d == p or d in p.parents:
+            raise ConfigError(
+                f"{where}: {d} {'is' if d == p else 'holds'} {what} ({p}); publishing there would move it aside. "
+                f"Nothing was changed; name a folder of its own, e.g. export.dir=hf_export"
+            )
+    inside = [s for s in STAGES if (run_dir / s) in d.parents and d != run_dir / "export" / "artifact"]
+    if inside:
+        raise ConfigError(
+            f"{where}: {d} lies inside the {inside[0]} stage folder; publishing there would change that stage. "
+            f"Nothing was changed; name a folder outside {run_dir}/<stage>/"
+        )
+    return d
+
+
+def publish(artifact: Path, dest: Path, run_dir: Path) -> bool:
+    """Copy the export artifact of run ``run_dir`` to ``dest`` (``EXPORT_DIR``) unless an identical copy is there.
 
     Returns:
         True when files were copied. The copy goes to ``<dest>.tmp`` first; a different ``dest`` already there
         is moved aside to ``<dest>.old-<time>``, never deleted.
+
+    Raises:
+        ConfigError: ``dest`` is or holds the run, a stage folder or the repository (see :func:`check_export_dir`).
     """
-    artifact, dest = Path(artifact), Path(dest)
+    artifact, dest = Path(artifact), check_export_dir(dest, run_dir)
     if dest.resolve() == artifact.resolve():
         return False
     if dest.is_dir():

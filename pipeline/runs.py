@@ -8,7 +8,8 @@
 
 A stage is *done* when its manifest fingerprint matches, *stale* when a manifest exists with another
 fingerprint (or a partial run was started with another one), *partial* when checkpoints exist without a
-manifest, *missing* otherwise.
+manifest, *corrupt* when its manifest cannot be read, *missing* otherwise: a folder with neither checkpoint nor
+manifest (a start that failed before its first checkpoint) is fresh whatever its ``fingerprint.json`` says.
 
 Checkpoints: ``StageDir`` alone names, finds, ranks and removes them. Two kinds live in ``checkpoints/``:
 
@@ -197,19 +198,30 @@ class StageDir:
         if not self.manifest_path.is_file():
             return None
         try:
-            return json.loads(self.manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise StageError(f"{self.manifest_path}: unreadable manifest ({e}); move the stage folder aside") from None
+            m = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StageError(f"{self.manifest_path}: unreadable manifest ({e}); {self.corrupt_fix}") from None
+        if not isinstance(m, dict):
+            raise StageError(f"{self.manifest_path}: not a manifest (a JSON {type(m).__name__}); {self.corrupt_fix}")
+        return m
+
+    @property
+    def corrupt_fix(self) -> str:
+        return f"move {self.root} aside (mv {self.root} {self.root}.corrupt) or run the stage with FORCE=1 (--force)"
 
     def state(self, fingerprint: str) -> str:
-        """'done', 'stale', 'partial' or 'missing' for a stage that would run with ``fingerprint``.
+        """'done', 'stale', 'partial', 'corrupt' or 'missing' for a stage that would run with ``fingerprint``.
 
-        A partial run started with another fingerprint is stale: resuming it would mix two configs.
+        A partial run started with another fingerprint is stale: resuming it would mix two configs. Without a
+        checkpoint there is nothing to resume, so the stage is missing whatever ``fingerprint.json`` says.
         """
-        m = self.manifest()
+        try:
+            m = self.manifest()
+        except StageError:
+            return "corrupt"
         if m is not None:
             return "done" if m.get("fingerprint") == fingerprint else "stale"
-        if self.latest_checkpoint() is not None or self.fingerprint_path.exists():
+        if self.latest_checkpoint() is not None:
             return "partial" if self.started_fingerprint() in (None, fingerprint) else "stale"
         return "missing"
 
@@ -221,11 +233,14 @@ class StageDir:
     def begin(self, fingerprint: str, config_yaml: str, force: bool = False) -> str:
         """Prepare the stage folder for a run with ``fingerprint``; returns the state found.
 
-        done -> nothing to do (caller returns); stale -> error unless ``force`` (then the old
-        folder is moved aside, never deleted); partial with another fingerprint -> the same.
+        done -> nothing to do (caller returns); stale or corrupt -> error unless ``force`` (then the old
+        folder is moved aside, never deleted); partial with another fingerprint -> the same; missing with files
+        left by a start with another fingerprint -> they are moved aside.
         """
         state = self.state(fingerprint)
-        if state == "stale":
+        if state == "corrupt" and not force:
+            self.manifest()  # raises, naming the file and the fix
+        if state in ("stale", "corrupt"):
             if not force:
                 raise StageError(
                     f"stage '{self.stage}' in {self.root} was made with a different config or inputs "
@@ -234,12 +249,22 @@ class StageDir:
                 )
             self.move_aside()
             state = "missing"
+        elif state == "missing" and self._leftovers() and self.started_fingerprint() != fingerprint:
+            log.warning("%s: a start with another config left files; moved aside to %s", self.root, self.move_aside())
         if state == "done":
             return state
         self.root.mkdir(parents=True, exist_ok=True)
+        if state == "missing":  # a start cut off before its first checkpoint: clear what it half wrote
+            self.remove_incomplete_checkpoints()
+            self.truncate_metrics_after(0)
         atomic_write_json(self.fingerprint_path, {"fingerprint": fingerprint})
         atomic_write_text(self.root / "config.yaml", config_yaml)
         return state
+
+    def _leftovers(self) -> list[Path]:
+        """What a failed start left besides its bookkeeping (kept: it may be someone's data)."""
+        ours = {self.fingerprint_path.name, "config.yaml", self.metrics_path.name, self.tb.name}
+        return [p for p in self.root.iterdir() if p.name not in ours] if self.root.is_dir() else []
 
     def _found_fingerprint(self) -> str:
         m = self.manifest()

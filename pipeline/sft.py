@@ -42,6 +42,7 @@ from pipeline.training import (
     Interrupted,
     MetricsCallback,
     StopSignal,
+    check_trained,
     clean_hf_artifact,
     context_length,
     trainer_device_args,
@@ -284,11 +285,14 @@ def run_training(trainer: Any, resume: Path | None) -> Any:
 
     Raises:
         Interrupted: a stop signal ended training early; a checkpoint was saved at the step reached.
+        StageError: no optimizer step ran, or the weights are not finite (:func:`~pipeline.training.check_trained`:
+            checked here, before the final evaluation spends time on a diverged model and before the artifact).
     """
     with trainer.stopper as stop:
         out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.signum:
         raise Interrupted("sft", trainer.state.global_step, stop.signum, trainer.args.output_dir)
+    check_trained("sft", trainer.model, trainer.state.global_step, trainer.args.output_dir)
     return out
 
 

@@ -6,7 +6,8 @@ Labels are built here, once, from the chat template's ``{% generation %}`` marke
 here lets the truncate/drop counts be exact and the mask be tested directly. Every non-assistant token has label
 -100; every assistant token, including its closing ``<|end|>``, keeps its id. Too-long examples are cut to
 ``max_length`` (keeping the start) or dropped, as the config says, and counted; a truncated example left with no
-assistant token is dropped and counted too.
+assistant token is dropped and counted too. A conversation of more than ``MAX_CHARS_PER_TOKEN`` characters per
+token of ``max_length`` is dropped, or cut to that many characters, before it is tokenised (memory).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.data.records import MAX_CHARS_PER_TOKEN, clip_turns, text_chars
 
 __all__ = ["IGNORE_INDEX", "LengthStats", "tokenize_chat", "tokenize_examples"]
 
@@ -91,9 +94,21 @@ def tokenize_examples(
         raise ValueError(f"too_long must be 'truncate' or 'drop', got {too_long!r}")
     stats = LengthStats(n_in=len(records))
     examples = []
+    max_chars = MAX_CHARS_PER_TOKEN * max_length
     for rec in records:
-        ids, labels = tokenize_chat(tokenizer, rec["messages"], assistant_only)
-        if len(ids) > max_length:
+        messages = rec["messages"]
+        far_over = text_chars(messages) > max_chars  # certainly too long: never tokenised whole
+        if far_over and too_long == "drop":
+            stats.n_dropped_too_long += 1
+            continue
+        if far_over:
+            messages = clip_turns(messages, max_chars)  # still more than max_length tokens: truncated below
+            if assistant_only and not any(m["role"] == "assistant" for m in messages):
+                stats.n_truncated += 1
+                stats.n_dropped_no_target += 1
+                continue
+        ids, labels = tokenize_chat(tokenizer, messages, assistant_only)
+        if len(ids) > max_length or far_over:
             if too_long == "drop":
                 stats.n_dropped_too_long += 1
                 continue

@@ -108,7 +108,7 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
             deadline = time.time() + 120
             while sd.started_fingerprint() != fps[stage] and time.time() < deadline:
                 time.sleep(0.1)
-            if state == "stale":
+            if state in ("stale", "corrupt"):
                 state = "missing"
         ctx = StageContext(cfg, stage, sd, fps[stage], inputs, state, args.config, tuple(args.overrides))
         log.info("%s: %s -> %s", stage, "resuming" if state == "partial" else "starting", sd.root)

@@ -2,7 +2,8 @@
 
 - **done**: the key metrics of its manifest (``runs.KEY_METRICS``); **broken** when its artifact has gone;
 - **partial**: the step of its newest complete checkpoint, of how many (``StageDir.progress``, else the config);
-- **stale**: each changed key that matters (``sft.lr: 0.0005 -> 0.0001``) or changed input.
+- **stale**: each changed key that matters (``sft.lr: 0.0005 -> 0.0001``) or changed input;
+- **corrupt**: its manifest cannot be read: the file and the fix (move the folder aside, or FORCE=1).
 
 This module imports no torch: deciding that everything is done takes well under a second.
 """
@@ -18,7 +19,7 @@ import yaml
 
 from .config import ConfigError, RunConfig, fingerprint, from_dict, to_dict
 from .lineage import all_fingerprints, stage_inputs, stage_sections
-from .runs import KEY_METRICS, STAGES, StageDir
+from .runs import KEY_METRICS, STAGES, StageDir, StageError
 
 __all__ = ["StageStatus", "format_value", "stage_status", "run_status", "config_changes"]
 
@@ -32,7 +33,7 @@ class StageStatus:
 
     stage: str
     state: str
-    """done | partial | stale | missing (as in runs.StageDir.state), or broken (done but artifact gone)."""
+    """done | partial | stale | corrupt | missing (as in runs.StageDir.state), or broken (done but artifact gone)."""
     fingerprint: str
     path: Path
     step: int | None = None
@@ -47,6 +48,8 @@ class StageStatus:
         state = self.state
         if state == "partial":
             state = f"partial (at step {self.step if self.step is not None else 0} of {self.max_steps or '?'})"
+        elif state == "corrupt" and self.changes:
+            state = f"corrupt ({self.changes[0]})"
         elif state == "stale" and self.changes:
             state = f"stale ({'; '.join(self.changes[:3])}{' ...' if len(self.changes) > 3 else ''})"
         metrics = " ".join(f"{k}={format_value(v)}" for k, v in self.metrics.items())
@@ -177,6 +180,12 @@ def stage_status(cfg: RunConfig, stage: str, fps: dict[str, str] | None = None) 
     sd = StageDir.of(cfg.run_dir, stage)
     state = sd.state(fps[stage])
     st = StageStatus(stage, state, fps[stage], sd.root)
+    if state == "corrupt":
+        try:
+            sd.manifest()
+        except StageError as e:
+            st.changes = [str(e)]
+        return st
     manifest = sd.manifest()
     if state == "done":
         assert manifest is not None

@@ -18,7 +18,9 @@ take these pieces from here, so a stop signal, a resume or a NaN behaves the sam
   metrics logged after it; :class:`CheckpointMarker` marks a ``Trainer`` checkpoint complete (see
   ``pipeline.runs`` for checkpoint naming).
 - **Metrics.** :class:`MetricsCallback` renames the ``Trainer``'s logs to the project's keys, writes them, and
-  stops the stage on a non-finite loss.
+  stops the stage on a non-finite loss. A loss is logged only every ``logging_steps``, so after training
+  :func:`check_trained` also refuses weights that are not finite, or a model no optimizer step changed, before
+  the artifact is saved.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "resume_point",
     "MetricsCallback",
     "CheckpointMarker",
+    "check_trained",
     "context_length",
     "clean_hf_artifact",
 ]
@@ -271,6 +274,48 @@ class MetricsCallback(TrainerCallback):
         record = {self.keys[k]: float(v) for k, v in logs.items() if k in self.keys}
         if any(k != "epoch" for k in logs if k in self.keys) and state.is_world_process_zero:
             self.sink({"step": state.global_step, **record})
+
+
+def check_trained(stage: str, model: torch.nn.Module, step: int, output_dir: Path | str) -> None:
+    """Refuse to save a model that no optimizer step trained, or whose weights are not all finite.
+
+    Call on every process after training and before the artifact is saved: under ZeRO-3 each process checks its
+    own shards, and the count of bad tensors is summed over the processes so that all of them raise together.
+
+    Args:
+        stage: the stage name (``sft``, ``reward``), also the config section the advice names.
+        model: the trained model.
+        step: the optimizer steps taken (``trainer.state.global_step``).
+        output_dir: the checkpoint folder, named in the message (it is kept; no artifact is written).
+
+    Raises:
+        StageError: ``step`` is 0, or a weight is NaN or inf, naming the stage, the step and the knobs to turn.
+    """
+    if step <= 0:
+        raise StageError(
+            f"{stage}: no optimizer step ran (step {step}), so the model is untrained; no artifact written. "
+            f"Raise {stage}.epochs or {stage}.max_steps, or check that the dataset is not empty"
+        )
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(_local_weights(p)).all())]
+    n_bad = len(bad)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            on_gpu = torch.distributed.get_backend() == "nccl"
+            count = torch.tensor([n_bad], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+            torch.distributed.all_reduce(count)
+            n_bad = int(count.item())
+    if n_bad:
+        names = (", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")) if bad else "on another process"
+        raise StageError(
+            f"{stage}: the weights are not finite after step {step} ({n_bad} tensors: {names}): training diverged; "
+            f"no artifact written, the checkpoints stay in {output_dir} (lower {stage}.lr, or check the data)"
+        )
+
+
+def _local_weights(param: torch.Tensor) -> torch.Tensor:
+    """This process's values of ``param``: its ZeRO-3 shard (``ds_tensor``) when DeepSpeed partitioned it."""
+    shard = getattr(param, "ds_tensor", None)
+    return shard if shard is not None else param.detach()
 
 
 # ----------------------------------------------------------------------------- artifacts

@@ -11,13 +11,15 @@ from pathlib import Path
 
 from pipeline.export import export_model
 from pipeline.export_verify import verify_export
-from pipeline.publish import publish
+from pipeline.publish import check_export_dir, publish
 from pipeline.runs import STAGES, StageDir, StageError
 from pipeline.stage import StageContext, StageResult, run_stage
 
 
 def _body(ctx: StageContext) -> StageResult:
     cfg = ctx.cfg
+    if cfg.export.dir:
+        check_export_dir(cfg.export.dir, cfg.run_dir)  # before any work: a bad target is refused at once
     manifests = {s: m for s in STAGES[:-1] if (m := StageDir.of(cfg.run_dir, s).manifest()) is not None}
     info, model, tokenizer = export_model(cfg, ctx.dir.artifact, manifests)
     checks = [verify_export(info.dir, model, tokenizer)]
@@ -28,7 +30,7 @@ def _body(ctx: StageContext) -> StageResult:
             f"export: {info.dir} failed verification with {failed[0]['python']}: " + "; ".join(failed[0]["problems"])
         )
     if cfg.export.dir:
-        publish(info.dir, Path(cfg.export.dir))
+        publish(info.dir, Path(cfg.export.dir), cfg.run_dir)
     metrics = {
         "max_abs_logit_diff": max(c["max_abs_logit_diff"] for c in checks),
         "n_params": info.n_params,

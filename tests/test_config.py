@@ -150,3 +150,46 @@ def test_every_dataset_a_config_names_has_a_card(path):
                 assert (CARDS / DEFAULT_CARDS[stage]).is_file()
             elif source.startswith("hub:"):
                 assert _card_naming(source[4:]), f"{path}: {stage}.dataset names {source}, which has no data card"
+
+
+def test_a_section_written_twice_is_an_error_naming_file_line_and_key(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("pretrain:\n  lr: 1e-3\nsft:\n  lr: 1e-4\npretrain:\n  max_steps: 7\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert str(p) in msg and "duplicate key 'pretrain'" in msg and "line 5" in msg and "line 1" in msg
+    p.write_text("pretrain:\n  lr: 1e-3\n  lr: 2e-3\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' at line 3"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_an_empty_config_file_is_an_error_naming_it(tmp_path, text):
+    p = tmp_path / "empty.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{p}: .*empty"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("key", ["pretrain.warmup_steps=-5", "pretrain.grad_clip=-1", "pretrain.sample_tokens=-1"])
+def test_negative_pretrain_counts_are_range_errors_naming_the_key(key):
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{name} must be >= 0"):
+        load_config(None, [key])
+
+
+def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("pretrain:\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["pretrain.max_steps=abc"])
+    msg = str(e.value)
+    assert msg.startswith("command line") and "pretrain.max_steps" in msg and not msg.startswith(str(p))
+    with pytest.raises(ConfigError, match=r"^command line.*did you mean 'sft.lr'"):
+        load_config(p, ["sft.lrr=1"])
+    p.write_text("pretrain:\n  lr: abc\n")
+    with pytest.raises(ConfigError, match=rf"^{p}: pretrain.lr"):
+        load_config(p, ["pretrain.max_steps=9"])
+    # the file's bad value, fixed on the command line, is no error
+    assert load_config(p, ["pretrain.lr=0.01"]).pretrain.lr == pytest.approx(0.01)

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import load_config
+from pipeline.__main__ import main as cli
+from pipeline.config import ConfigError, load_config
 from pipeline.export import export_model
 from pipeline.export_verify import verify_export
+from pipeline.orchestrate import RunOptions, run_pipeline
 from pipeline.publish import publish
-from pipeline.runs import StageDir
+from pipeline.runs import STAGES, StageDir
 from stages.export import main as export_main
 from tests.fake_stages.artifacts import make_fake_run
 from tests.fake_stages.disk import small_disk  # noqa: F401 (fixture)
@@ -119,7 +122,7 @@ def test_bf16_sharded_export_reloads_equal(tmp_path):
     src = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny/ppo/artifact").to(torch.bfloat16)
     assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), model.state_dict().values()))
     assert sd.manifest()["metrics"]["max_abs_logit_diff"] <= 1e-5
-    assert not publish(sd.artifact, tmp_path / "copy")  # identical copy already there: nothing to do
+    assert not publish(sd.artifact, tmp_path / "copy", tmp_path / "tiny")  # identical copy already there: nothing to do
 
 
 def test_truncated_source_weights_are_named_and_nothing_is_lost(tmp_path, capsys):
@@ -247,3 +250,60 @@ def test_report_tables_and_plots(exported):
     for stage in ("pretrain", "sft", "reward"):  # the fakes' metrics.jsonl hold train/val loss
         assert (path.parent / "report" / f"{stage}.png").stat().st_size > 1000 and f"report/{stage}.png" in text
     assert "transformers 5." in text and ": ok" in text
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def nothing_moves(monkeypatch):
+    """Whatever export.dir names, nothing is copied or moved (a regression must not move the repository aside)."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"publish touched files: {args}")
+
+    monkeypatch.setattr("pipeline.publish.shutil", types.SimpleNamespace(copytree=refuse, rmtree=refuse))
+    monkeypatch.setattr("pipeline.publish.os", types.SimpleNamespace(replace=refuse))
+    monkeypatch.setattr(StageDir, "move_aside", refuse)
+
+
+_TARGETS = {
+    "run root": lambda root: root,
+    "run folder": lambda root: root / "tiny",
+    "stage folder": lambda root: root / "tiny/sft",
+    "inside a stage": lambda root: root / "tiny/ppo/artifact",
+    "parent of the run root": lambda root: root.parent,
+    "repository": lambda root: REPO,
+    "parent of the repository": lambda root: REPO.parent,
+    "dot": lambda root: ".",
+    "dotdot": lambda root: "..",
+    "filesystem root": lambda root: "/",
+}
+
+
+@pytest.mark.parametrize("where", list(_TARGETS))
+def test_export_dir_holding_the_run_or_the_repository_is_refused(tmp_path, capsys, nothing_moves, where):
+    root = tmp_path / "runs"
+    make_fake_run(root)
+    target = _TARGETS[where](root)
+    rc, sd = _export(root, f"export.dir={target}")
+    err = capsys.readouterr().err
+    assert rc == 2 and "export.dir" in err and str(target) in err, err
+    assert sd.manifest() is None and not sd.artifact.exists()
+    assert all(StageDir.of(root / "tiny", s).manifest() for s in STAGES[:-1])
+    assert not list(root.glob("*.old-*")) and not list(root.glob("tiny/*.old-*"))
+
+
+def test_pipeline_export_refuses_the_run_root_before_running_anything(tmp_path, capsys, nothing_moves):
+    root = tmp_path / "runs"
+    env = {"PYTHONPATH": str(REPO)}
+    opts = RunOptions(None, (f"run.root={root}", f"export.dir={root}"), module_prefix="tests.fake_stages", env=env)
+    with pytest.raises(ConfigError, match=r"export.dir"):
+        run_pipeline("export", opts)
+    assert not root.exists()  # refused before any stage ran
+    assert run_pipeline("all", RunOptions(None, (f"run.root={root}",), module_prefix="tests.fake_stages", env=env)) == 0
+    for target in (root, root / "tiny", tmp_path, "."):
+        assert cli(["export", f"run.root={root}", f"export.dir={target}"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: export.dir={target}: " in err
+    assert sorted(p.name for p in (root / "tiny").iterdir()) == sorted(STAGES)

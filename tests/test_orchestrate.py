@@ -199,3 +199,34 @@ def test_full_disk_during_a_checkpoint_keeps_the_earlier_ones(small_disk, tmp_pa
     assert StageDir.of(small_disk / "tiny", "tokenizer").manifest() is not None
     freed = RunOptions(None, opts.overrides, module_prefix="tests.fake_stages", env={"PYTHONPATH": str(REPO)})
     assert run_pipeline("pretrain", freed) == 0
+
+
+def test_a_failed_first_start_runs_again_with_the_fixed_config_without_force(tmp_path):
+    with pytest.raises(StageError, match="stage 'sft' failed with exit code 7"):
+        run_pipeline("sft", _opts(tmp_path, "sft.lr=0.5", FAKE_FAIL="sft"))  # e.g. a config error in the body
+    fixed = _opts(tmp_path, "sft.lr=0.0001")
+    assert _states(fixed)["sft"] == "missing"
+    assert run_pipeline("sft", fixed) == 0
+    assert _launches(tmp_path)[-1] == "sft 0" and _states(fixed)["sft"] == "done"
+    assert not list((tmp_path / "runs/tiny").glob("*.old-*"))
+
+
+def test_a_corrupt_manifest_is_shown_by_status_and_cleared_by_force(tmp_path, capsys):
+    opts = _opts(tmp_path)
+    run_pipeline("all", opts)
+    manifest = tmp_path / "runs/tiny/sft/manifest.json"
+    cut = manifest.read_text()[:40]
+    manifest.write_text(cut)  # cut off
+    capsys.readouterr()
+    assert cli(["status", *opts.overrides]) == 0
+    out = capsys.readouterr().out
+    (sft,) = [line for line in out.splitlines() if line.startswith("sft ")]
+    assert "corrupt" in sft and str(manifest) in sft and "FORCE=1" in sft
+    assert [line.split()[1] for line in out.splitlines()[1:]] == ["done", "done", "corrupt", "done", "done", "done"]
+    with pytest.raises(StageError, match=r"manifest.json.*FORCE=1"):
+        run_pipeline("sft", opts)
+    assert manifest.exists()  # nothing moved without force
+    assert run_pipeline("sft", _opts(tmp_path, force=True)) == 0
+    (old,) = (tmp_path / "runs/tiny").glob("sft.old-*")
+    assert (old / "manifest.json").read_text() == cut  # moved aside, not deleted
+    assert _launches(tmp_path)[-1] == "sft 0" and _states(opts)["sft"] == "done"

@@ -404,3 +404,48 @@ def test_stage_two_processes(tmp_path, launch):
     bok = manifest["best_of_k"]
     assert bok["k"] == 8 and bok["tasks"]["all"]["n"] == len({r["prompt"] for r in held})
     assert AutoModelForSequenceClassification.from_pretrained(rd / "artifact").config.num_labels == 1
+
+
+# ----------------------------------------------------------------------------- issue 17: diverged or untrained
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", float("nan")])
+def test_non_finite_config_numbers_are_refused_naming_the_key(value):
+    from pipeline.config import ConfigError
+    from pipeline.config.run import RunConfig
+    from pipeline.config.schema import from_dict
+
+    with pytest.raises(ConfigError, match=r"reward\.dpo_beta must be a number other than NaN or inf"):
+        from_dict(RunConfig, {"reward": {"dpo_beta": value}})  # as a YAML file's .nan reads
+
+    with pytest.raises(ConfigError, match=r"reward\.dpo_beta must be a number other than NaN or inf"):
+        load_config(None, ["reward.objective=dpo", f"reward.dpo_beta={value}"])
+    with pytest.raises(ConfigError, match=r"sft\.lr must be a number other than NaN or inf"):
+        load_config(None, [f"sft.lr={value}"])
+    with pytest.raises(ConfigError, match=r"reward\.epochs must be > 0"):
+        load_config(None, ["reward.epochs=0"])
+
+
+def test_check_trained_refuses_no_step_and_non_finite_weights():
+    from pipeline.runs import StageError
+    from pipeline.training import check_trained
+
+    model = torch.nn.Linear(2, 2)
+    check_trained("reward", model, 3, "ckpts")  # finite, trained: no error
+    with pytest.raises(StageError, match=r"reward: no optimizer step ran.*reward\.epochs"):
+        check_trained("reward", model, 0, "ckpts")
+    with torch.no_grad():
+        model.bias[1] = float("inf")
+    with pytest.raises(StageError, match=r"reward: the weights are not finite after step 3 \(1 tensors: bias\).*"
+                                         r"lower reward\.lr"):  # fmt: skip
+        check_trained("reward", model, 3, "ckpts")
+
+
+def test_stage_with_a_diverging_lr_fails_without_an_artifact_or_manifest(tmp_path, capsys):
+    # 3 steps, no loss logged (logging_steps 10): only the weight check can see the divergence
+    overrides = _setup(tmp_path, steps=3, extra=("reward.lr=1e12", "reward.save_steps=100"))
+    assert _run(overrides) != 0
+    err = capsys.readouterr().err
+    assert "reward:" in err and "not finite after step" in err and "reward.lr" in err
+    rd = tmp_path / "runs" / "t" / "reward"
+    assert not (rd / "manifest.json").exists() and not (rd / "artifact" / "model.safetensors").exists()

@@ -191,3 +191,25 @@ def test_default_generated_sets_normalise_without_errors():
     assert (len(data.train), len(data.held_out), data.skipped_by_split) == (40, 12, {})
     assert all(len(g.responses) == cfg.responses_per_prompt for g in data.train + data.held_out)
     assert all(g.meta.get("task") and "answer" in g.meta for g in data.held_out)
+
+
+def test_invalid_utf8_line_is_a_bad_record_with_file_and_line(tmp_path):
+    good = [json.dumps({"prompt": f"q{i}", "chosen": "yes", "rejected": "no"}).encode() for i in range(8)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_bytes(b"\n".join([good[0], b'{"prompt": "\xc3\x28", "chosen": "a", "rejected": "b"}', *good[1:]]))
+    with pytest.raises(BadRecord, match=r"prefs\.jsonl:2: not valid UTF-8 \(byte 0xc3 at column 13\)"):
+        load_preferences(DatasetSpec(source=str(path), eval_fraction=0.25), TasksConfig(), seed=0)
+    data = load_preferences(DatasetSpec(source=str(path), eval_fraction=0.25, on_bad_record="skip"), TasksConfig(), 0)
+    assert data.skipped_by_split == {"train": 1} and len(data.train) + len(data.held_out) == 8
+
+
+def test_groups_far_over_the_context_are_dropped_before_tokenising():
+    from test_sft_data import _CharTokenizer
+
+    from pipeline.reward.data import dpo_rows, encode_groups
+
+    groups = [PreferenceGroup("p", ["a", "b" * 1_000_000], [0, 1]), PreferenceGroup("p2", ["a", "b"], [1, 0])]
+    kept, dropped = encode_groups(_CharTokenizer(), groups, max_length=64)
+    assert dropped == 1 and [g.prompt for g, _ in kept] == ["p2"]
+    rows, kept_groups = dpo_rows(_CharTokenizer(), [PreferenceGroup("b" * 1_000_000, ["a", "b"], [0, 1])], 64)
+    assert rows == [] and kept_groups == []

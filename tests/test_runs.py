@@ -9,7 +9,7 @@ def test_states_and_stale_protection(tmp_path):
     sd = StageDir.of(tmp_path / "run", "sft")
     assert sd.state("fp1") == "missing"
     assert sd.begin("fp1", "a: 1\n") == "missing"
-    assert sd.state("fp1") == "partial"  # started, no manifest
+    assert sd.state("fp1") == "missing"  # started, but no checkpoint and no manifest: nothing to resume
     (sd.artifact).mkdir()
     (sd.artifact / "weights").write_text("w")
     sd.write_manifest("fp1", {"pretrain": "p"}, {"sft": {}}, {"train_loss": 1.0}, 2.0)
@@ -21,7 +21,7 @@ def test_states_and_stale_protection(tmp_path):
     sd.begin("fp2", "a: 2\n", force=True)
     old = [p for p in sd.root.parent.iterdir() if p.name.startswith("sft.old-")]
     assert len(old) == 1 and (old[0] / "artifact" / "weights").read_text() == "w"  # moved aside, not deleted
-    assert sd.state("fp2") == "partial"
+    assert sd.state("fp2") == "missing" and sd.started_fingerprint() == "fp2"
 
 
 def test_partial_from_another_config_is_stale(tmp_path):
@@ -65,3 +65,54 @@ def test_metrics_truncated_on_resume(tmp_path):
 def test_require_done_names_missing_artifact(tmp_path):
     with pytest.raises(StageError, match=r"needs the 'pretrain' stage's artifact.*make pretrain"):
         require_done(StageDir.of(tmp_path, "pretrain"), "stage 'sft'")
+
+
+def test_a_failed_first_start_is_fresh_not_stale(tmp_path):
+    sd = StageDir.of(tmp_path / "run", "sft")
+    sd.begin("fpBad", "sft: {lr: bad}\n")  # then the stage body stopped on a config error
+    sd.append_metrics({"step": 0, "note": "x"})
+    sd.tb.mkdir()
+    assert sd.state("fpFixed") == "missing"
+    assert sd.begin("fpFixed", "sft: {lr: 0.1}\n") == "missing"  # no FORCE=1 needed
+    assert sd.started_fingerprint() == "fpFixed" and (sd.root / "config.yaml").read_text() == "sft: {lr: 0.1}\n"
+    assert not list((tmp_path / "run").glob("sft.old-*"))  # only bookkeeping was there: started in place
+
+
+def test_a_failed_start_that_left_files_is_moved_aside_never_deleted(tmp_path):
+    sd = StageDir.of(tmp_path / "run", "export")
+    sd.begin("fpBad", "a\n")
+    sd.artifact.mkdir()
+    (sd.artifact / "half.bin").write_text("x")
+    assert sd.state("fpFixed") == "missing"
+    assert sd.begin("fpFixed", "b\n") == "missing"
+    (old,) = (tmp_path / "run").glob("export.old-*")
+    assert (old / "artifact/half.bin").read_text() == "x" and not sd.artifact.exists()
+    assert sd.started_fingerprint() == "fpFixed"
+
+
+def test_a_corrupt_manifest_is_its_own_state_and_force_moves_it_aside(tmp_path):
+    sd = StageDir.of(tmp_path / "run", "sft")
+    sd.begin("fp1", "a\n")
+    sd.artifact.mkdir()
+    (sd.artifact / "weights").write_text("w")
+    sd.manifest_path.write_text('{"stage": "sft", "fingerp')  # cut off
+    assert sd.state("fp1") == "corrupt"
+    with pytest.raises(StageError, match=r"manifest.json.*FORCE=1"):
+        sd.begin("fp1", "a\n")
+    assert (sd.artifact / "weights").read_text() == "w"  # nothing touched
+    assert sd.begin("fp1", "a\n", force=True) == "missing"
+    (old,) = (tmp_path / "run").glob("sft.old-*")
+    assert (old / "manifest.json").exists() and (old / "artifact/weights").read_text() == "w"
+    sd.manifest_path.write_text("[1, 2]")  # JSON, but not a manifest
+    assert sd.state("fp1") == "corrupt"
+
+
+def test_a_restart_before_the_first_checkpoint_clears_what_the_killed_start_half_wrote(tmp_path):
+    sd = StageDir.of(tmp_path / "run", "pretrain")
+    sd.begin("fp1", "a\n")
+    sd.append_metrics({"step": 1, "train/loss": 3.0})
+    sd.checkpoint_tmp(2)  # killed while writing its first checkpoint
+    assert sd.state("fp1") == "missing"
+    assert sd.begin("fp1", "a\n") == "missing"
+    assert sd.read_metrics() == [] and sd.find_checkpoints() == []
+    assert not list((tmp_path / "run").glob("pretrain.old-*"))

@@ -491,3 +491,16 @@ def test_sigkilled_multiprocess_run_resumes(tok, tmp_path, accel):
     assert m["resumed_from"] is not None and m["metrics"]["steps"] == 40
     steps = [r["step"] for r in sd.read_metrics() if "train/loss" in r]
     assert steps == list(range(1, 41))
+
+
+def test_diverged_or_untrained_model_fails_the_stage_without_an_artifact(tok, tmp_path, capsys):
+    """Issue 17: lr 1e12 turns the weights non-finite in a few steps, before any loss is logged."""
+    from stages import sft as stage
+
+    extra = ["sft.lr=1e12", "sft.max_steps=3", "sft.logging_steps=10", "sft.save_steps=100"]
+    cfg, argv = _prepare_run(tmp_path, tok, "nan", extra)
+    assert stage.main(argv) != 0
+    err = capsys.readouterr().err
+    assert "sft:" in err and "not finite after step" in err and "sft.lr" in err
+    sd = StageDir.of(cfg.run_dir, "sft")
+    assert not sd.manifest_path.exists() and not (sd.artifact / "model.safetensors").exists()

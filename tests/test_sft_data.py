@@ -200,3 +200,85 @@ def test_default_source_uses_generated_tasks_with_checkers():
     for rec in data.train + data.held_out:
         assert [m["role"] for m in rec["messages"]] == ["user", "assistant"]
         assert rec["task"] in tasks.kinds and rec["answer"] == rec["messages"][1]["content"]
+
+
+def _bad_utf8(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_invalid_utf8_line_is_a_bad_record_with_file_and_line(tmp_path):
+    good = json.dumps({"question": "q", "answer": "a"}).encode()
+    path = _bad_utf8(tmp_path / "qa.jsonl", [good, b'{"question": "caf\xe9", "answer": "a"}', good])
+    with pytest.raises(BadRecord, match=rf"{path}:2: not valid UTF-8 \(byte 0xe9 at column 18\)"):
+        load_sft_data(DatasetSpec(source=str(path), eval_fraction=0.0), TasksConfig(), seed=0)
+    data = load_sft_data(DatasetSpec(source=str(path), eval_fraction=0.0, on_bad_record="skip"), TasksConfig(), 0)
+    assert data.skipped == 1 and len(data.train) == 2 and f"{path}:2: not valid UTF-8" in data.skipped_examples[0]
+
+
+def test_invalid_utf8_in_ppo_prompts_and_csv_rows_names_the_place(tmp_path):
+    from pipeline.data.prompts import load_prompts
+
+    good = json.dumps({"prompt": "q"}).encode()
+    path = _bad_utf8(tmp_path / "p.jsonl", [good, b'{"prompt": "\xff"}', good])
+    with pytest.raises(BadRecord, match=rf"{path}:2: not valid UTF-8"):
+        load_prompts(DatasetSpec(source=str(path), eval_fraction=0.0), TasksConfig(), seed=0)
+    data = load_prompts(DatasetSpec(source=str(path), eval_fraction=0.0, on_bad_record="skip"), TasksConfig(), 0)
+    assert len(data.train) == 2
+    csv_path = _bad_utf8(tmp_path / "qa.csv", [b"question,answer", b"q,a", b"q\xc3,a"])
+    with pytest.raises(BadRecord, match=rf"{csv_path}:row 2: not valid UTF-8"):
+        normalise_all(read_records(str(csv_path)), normalise_chat)
+    json_path = _bad_utf8(tmp_path / "qa.json", [b'[{"question": "q",', b'"answer": "\xe9"}]'])
+    with pytest.raises(BadRecord, match=rf"{json_path}:2: not valid UTF-8"):
+        list(read_records(str(json_path)))
+
+
+class _CharTokenizer:
+    """One token per character, with a toy chat template; fails the test if asked to tokenise a huge text."""
+
+    chat_template = "<role>content"
+
+    @staticmethod
+    def _check(text: str) -> None:
+        assert len(text) < 10_000, "a record far over the context was tokenised"
+
+    def apply_chat_template(self, messages, tokenize=False, return_dict=False, return_assistant_tokens_mask=False,
+                            add_generation_prompt=False):  # fmt: skip
+        ids, mask = [], []
+        for m in [*messages, *([{"role": "assistant", "content": ""}] if add_generation_prompt else [])]:
+            self._check(m["content"])
+            head = f"<{m['role']}>"
+            ids += [ord(c) for c in head + m["content"]]
+            mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(m["content"])
+        text = "".join(map(chr, ids))
+        return {"input_ids": ids, "assistant_masks": mask} if tokenize else text
+
+    def __call__(self, text, add_special_tokens=False):
+        self._check(text)
+        return {"input_ids": [ord(c) for c in text]}
+
+
+HUGE = "x" * 1_000_000  # a single-line record of 1 MB, far over any context here
+
+
+def test_records_far_over_the_context_are_dropped_or_cut_before_tokenising():
+    from pipeline.sft_data import tokenize_examples
+
+    ok = {"messages": EXPECTED}
+    huge = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": HUGE}]}
+    kept, stats = tokenize_examples(_CharTokenizer(), [ok, huge, ok], max_length=64, too_long="drop")
+    assert len(kept) == 2 and stats.n_dropped_too_long == 1 and stats.n_kept == 2
+    kept, stats = tokenize_examples(_CharTokenizer(), [huge, ok], max_length=64, too_long="truncate")
+    assert [len(e["input_ids"]) for e in kept] == [64, 32] and stats.n_truncated == 1
+    assert kept[0]["input_ids"][:14] == [ord(c) for c in "<user>q<assist"] and kept[0]["labels"][-1] == ord("x")
+    # a huge user turn leaves no assistant token in the first 64: dropped, counted
+    huge_q = {"messages": [{"role": "user", "content": HUGE}, {"role": "assistant", "content": "a"}]}
+    kept, stats = tokenize_examples(_CharTokenizer(), [huge_q, ok], max_length=64, too_long="truncate")
+    assert len(kept) == 1 and stats.n_truncated == 1 and stats.n_dropped_no_target == 1
+
+
+def test_ppo_prompts_far_over_the_limit_keep_their_end_without_tokenising_it_all():
+    from pipeline.rl.components import render_prompts
+
+    prompts = render_prompts(_CharTokenizer(), [{"messages": [{"role": "user", "content": HUGE + "end"}]}], 16)
+    assert prompts == [[ord(c) for c in "xxxxend<assistant>"[-16:]]]

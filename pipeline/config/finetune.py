@@ -174,5 +174,7 @@ class RewardStageConfig:
             problems.append(f"reward.lr must be > 0, got {self.lr}")
         if self.max_steps < 1 and self.max_steps != -1:
             problems.append(f"reward.max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            problems.append(f"reward.epochs must be > 0, got {self.epochs}")
         if problems:
             raise ConfigError("; ".join(problems))

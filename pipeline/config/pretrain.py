@@ -84,6 +84,9 @@ class PretrainConfig:
         ):
             if getattr(self, k) < 1:
                 problems.append(f"pretrain.{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("warmup_steps", "grad_clip", "sample_tokens"):  # grad_clip 0: no clipping; sample_tokens 0: none
+            if getattr(self, k) < 0:
+                problems.append(f"pretrain.{k} must be >= 0, got {getattr(self, k)}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             problems.append(
                 f"pretrain.lr/min_lr must satisfy 0 <= min_lr <= lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})"

@@ -9,6 +9,7 @@ and strict (see :func:`pipeline.config.schema.from_dict`).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from .data import DataConfig, TokenizerConfig
 from .finetune import RewardStageConfig, SFTStageConfig
 from .ppo import PPOStageConfig
 from .pretrain import ModelConfig, PretrainConfig
-from .schema import ConfigError, from_dict
+from .schema import ConfigError, from_dict, strict_yaml_load
 
 __all__ = ["RunSection", "ExportConfig", "ReportConfig", "RunConfig", "load_config"]
 
@@ -113,7 +114,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{dotted}={raw}': not a valid value: {e}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -123,24 +127,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         ConfigError: unknown key (with the closest valid one), bad type, bad value, or YAML error,
             naming the file and the dotted key.
     """
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
-        tree = loaded
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    try:
+        return from_dict(RunConfig, _with_overrides(tree, overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{_blame(e, tree, path, overrides)}: {e}" if path or overrides else str(e)) from None
+
+
+def _read_yaml(p: Path) -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = strict_yaml_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    if loaded is None:
+        raise ConfigError(f"{p}: the file is empty (no sections); an empty config would run the code defaults")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return loaded
+
+
+def _with_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    tree = copy.deepcopy(tree)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
         key, raw = item.split("=", 1)
         _set_dotted(tree, key.strip(), raw)
+    return tree
+
+
+def _blame(err: ConfigError, tree: dict[str, Any], path: str | Path | None, overrides: Any) -> str:
+    """Where a config error comes from: the file when the file alone gives the same error, else the command line."""
+    if path is None:
+        return "command line"
     try:
-        return from_dict(RunConfig, tree)
+        from_dict(RunConfig, tree)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        if str(e) == str(err):
+            return str(path)
+    return f"command line (over {path})" if overrides else str(path)

@@ -12,17 +12,39 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from typing import Any, Literal
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "to_yaml", "fingerprint"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "to_yaml", "fingerprint", "strict_yaml_load"]
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the config key (and file) at fault."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error: plain PyYAML keeps the
+    last one, so a section written twice silently drops the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in first:
+                raise ConfigError(f"duplicate key '{key}' at line {line} (first written at line {first[key]})")
+            if isinstance(key, typing.Hashable):
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def strict_yaml_load(text: str) -> Any:
+    """``yaml.safe_load``, but a mapping key written twice raises :class:`ConfigError` naming the key and lines."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -80,21 +102,33 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return int(f)
         raise ConfigError(f"{path}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return _finite_float(value, path)
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{path}: expected a string, got {value!r}")
     return value
+
+
+def _finite_float(value: Any, path: str) -> float:
+    """A float field's value: a number, or a string that parses as one (``1e-3``); never NaN or inf.
+
+    No float field of the config has a use for a non-finite value, and one such as ``reward.dpo_beta=nan``
+    would train a model of NaNs without an error, so every float field refuses them here.
+    """
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if number is None:
+        raise ConfigError(f"{path}: expected a number, got {value!r}")
+    if not math.isfinite(number):
+        raise ConfigError(f"{path} must be a number other than NaN or inf, got {value!r}")
+    return number
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:

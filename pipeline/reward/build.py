@@ -30,7 +30,7 @@ from pipeline.data.preferences import PreferenceGroup
 from pipeline.lm import context_length, disable_dropout
 from pipeline.runs import StageError
 from pipeline.tokenizer import ensure_chat_tokens
-from pipeline.training import clean_hf_artifact, trainer_device_args
+from pipeline.training import check_trained, clean_hf_artifact, trainer_device_args
 
 from .data import DPOCollator, add_reference_logprobs, dpo_rows, encode_groups, grouped_rows, pairwise_rows
 from .implicit import save_implicit_reward
@@ -181,7 +181,12 @@ def build_run(init_dir: str, rc: RewardStageConfig, train: list[PreferenceGroup]
 
 def save_artifact(run: RewardRun, artifact: Path, rc: RewardStageConfig, is_main: bool) -> None:
     """Save the trained model on every process (ZeRO-3 gathers the shards); the main process then removes the
-    Trainer's extras, saves the tokenizer and, for ``objective=dpo``, the reference and ``implicit_reward.json``."""
+    Trainer's extras, saves the tokenizer and, for ``objective=dpo``, the reference and ``implicit_reward.json``.
+
+    Raises:
+        StageError: no optimizer step ran, or the weights are not finite (nothing is saved).
+    """
+    check_trained("reward", run.trainer.model, run.trainer.state.global_step, run.trainer.args.output_dir)
     run.trainer.save_model(str(artifact))
     run.trainer.accelerator.wait_for_everyone()
     unset_hf_deepspeed_config()  # training is over: later loads are plain models, not ZeRO-3 partitions

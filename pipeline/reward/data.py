@@ -8,7 +8,8 @@
   interleaves chosen and rejected sequences.
 
 A group with any sequence longer than ``max_length`` tokens is dropped whole by both paths (truncating would
-cut the end the reward head reads, or the response the DPO loss scores).
+cut the end the reward head reads, or the response the DPO loss scores); a group of more than
+``MAX_CHARS_PER_TOKEN`` characters per token of ``max_length`` is dropped before it is tokenised (memory).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from pipeline.data.preferences import PreferenceGroup, expand_comparisons
+from pipeline.data.records import MAX_CHARS_PER_TOKEN, text_chars
 from pipeline.lm import right_pad
 
 from .implicit import summed_logprobs
@@ -43,9 +45,14 @@ E = TypeVar("E")
 def _encode_fitting(
     groups: list[PreferenceGroup], encode: Callable[[Any, str], E], length: Callable[[E], int], max_length: int | None
 ) -> tuple[list[tuple[PreferenceGroup, list[E]]], int]:
-    """Every response of every group encoded; groups with a sequence over ``max_length`` dropped whole."""
+    """Every response of every group encoded; groups with a sequence over ``max_length`` dropped whole, those
+    certainly over it (by their characters) before they are tokenised."""
     kept, dropped = [], 0
+    max_chars = MAX_CHARS_PER_TOKEN * (max_length or 0)
     for g in groups:
+        if max_chars and text_chars(g.prompt) + max(map(len, g.responses)) > max_chars:
+            dropped += 1
+            continue
         enc = [encode(g.prompt, r) for r in g.responses]
         if max_length and max(length(e) for e in enc) > max_length:
             dropped += 1

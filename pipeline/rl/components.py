@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
+from pipeline.data.records import MAX_CHARS_PER_TOKEN, clip_turns, text_chars
 from pipeline.lm import stop_token_ids
 from pipeline.reward import RewardScorer, load_scorer
 from pipeline.runs import StageError
@@ -108,12 +109,19 @@ def render_prompts(tokenizer: Any, records: list[dict[str, Any]], max_prompt_len
     """Token ids of each record's ``messages`` through the chat template with the generation prompt.
 
     A prompt longer than ``max_prompt_length`` keeps its last tokens (the assistant header stays), with a warning.
+    One of more than ``MAX_CHARS_PER_TOKEN`` characters per token of the limit is first cut to that many characters
+    of its end, so that a huge record is never tokenised whole.
     """
     out, cut = [], 0
+    max_chars = MAX_CHARS_PER_TOKEN * max_prompt_length
     for rec in records:
-        text = tokenizer.apply_chat_template(rec["messages"], tokenize=False, add_generation_prompt=True)
+        messages = rec["messages"]
+        far_over = text_chars(messages) > max_chars
+        if far_over:
+            messages = clip_turns(messages, max_chars, keep="end")
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) > max_prompt_length:
+        if len(ids) > max_prompt_length or far_over:
             ids, cut = ids[-max_prompt_length:], cut + 1
         out.append(ids)
     if cut:
