@@ -33,7 +33,7 @@ from pipeline.data.preferences import expand_comparisons
 from pipeline.data.tasks import check_answer, response_class
 
 from .best_of_k import FLAT
-from .checker import has_checker
+from .checker import has_checker, percent
 
 __all__ = [
     "rm_vs_checker",
@@ -203,10 +203,6 @@ def format_pairs(by_kind: dict[str, dict[str, list[int]]]) -> list[str]:
     return lines
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.1f}%"
-
-
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
@@ -232,7 +228,7 @@ def format_markdown(summary: dict[str, Any]) -> list[str]:
     for task, t in summary["tasks"].items():
         agrees = f"{t['rm_agrees']}/{t['one_right']}" if t["one_right"] else "-"
         lines.append(
-            f"| {task} | {t['n']} | {_pct(t['sft_accuracy'])} | {_pct(t['ppo_accuracy'])} | "
+            f"| {task} | {t['n']} | {percent(t['sft_accuracy'])} | {percent(t['ppo_accuracy'])} | "
             f"{_num(t['sft_reward'])} | {_num(t['ppo_reward'])} | {agrees} |"
         )
     tr = summary["transitions"]

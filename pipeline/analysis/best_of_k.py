@@ -15,7 +15,7 @@ from typing import Any
 
 from pipeline.data.tasks import check_answer
 
-from .checker import has_checker
+from .checker import has_checker, percent
 
 __all__ = [
     "FLAT",
@@ -27,10 +27,6 @@ __all__ = [
 
 FLAT = 0.02
 """A change in checker accuracy within this (2 points on 200 prompts: 4 answers) counts as flat."""
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.1f}%"
 
 
 def best_of_k(
@@ -122,7 +118,7 @@ def best_of_k_reading(row: dict[str, Any], k: int) -> str:
             "It is below the greedy answers, so optimising the reward model is expected to lower checker accuracy."
         )
     return (
-        f"The reward model's pick among {k} samples is right {_pct(row['rm_best_of_k'])} of the time against "
-        f"{_pct(row['greedy'])} for the greedy answer ({gain * 100:+.1f} points; pass@{k} {_pct(row['pass_at_k'])}). "
+        f"The reward model's pick among {k} samples is right {percent(row['rm_best_of_k'])} of the time against "
+        f"{percent(row['greedy'])} for the greedy answer ({gain * 100:+.1f} points; pass@{k} {percent(row['pass_at_k'])}). "
         + reading
     )

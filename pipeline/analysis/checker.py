@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.data.task_checks import check_answer, has_checker
 
-__all__ = ["has_checker", "checker_accuracy", "checker_accuracy_ci", "wilson_interval", "wilson_ci95"]
+__all__ = ["has_checker", "checker_accuracy", "checker_accuracy_ci", "wilson_interval", "wilson_ci95", "percent"]
 
 Z_95 = 1.959964
 """The standard normal quantile of 0.975: a two-sided 95% interval."""
@@ -113,3 +113,8 @@ def checker_accuracy_ci(
     if not n:
         return None, None, 0
     return right / n, wilson_ci95(right, n), n
+
+
+def percent(x: float | None) -> str:
+    """An accuracy as the tables show it: ``0.695`` -> ``69.5%``, None -> ``-``."""
+    return "-" if x is None else f"{x * 100:.1f}%"

@@ -25,7 +25,7 @@ import logging
 import re
 from typing import Any
 
-from .checker import wilson_ci95
+from .checker import percent, wilson_ci95
 
 __all__ = [
     "best_of_k_key",
@@ -43,10 +43,6 @@ log = logging.getLogger(__name__)
 SFT, DPO = "SFT model (greedy)", "DPO policy"
 _BEST_OF = re.compile(r"^best_of_(\d+)_accuracy$")
 _EPS = 1e-9  # thresholds compare with this slack, so a value printed equal to its threshold meets it
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x * 100:.1f}%"
 
 
 def _ci(ci: list[float] | None) -> str:
@@ -196,21 +192,21 @@ def controls_verdict(ppo_metrics: dict[str, Any], reward_metrics: dict[str, Any]
         out["outcome"] = "no_ppo" if acc is None else "no_controls"
         out["text"] = "No PPO checker accuracy to compare." if acc is None else "No control to compare PPO with."
         return out
-    ppo_txt = f"PPO's {_pct(acc)} {_ci(ppo_ci)}"
+    ppo_txt = f"PPO's {percent(acc)} {_ci(ppo_ci)}"
     beaten = [c for c in controls if c["ppo_is"] == "below"]
     if beaten:
         win = max(beaten, key=lambda c: c["accuracy"])
         out.update(outcome="control_wins", winner=win["name"])
-        text = (f"A cheaper path wins: the {win['name']}, {_pct(win['accuracy'])} {_ci(win['ci95'])}, is above "
+        text = (f"A cheaper path wins: the {win['name']}, {percent(win['accuracy'])} {_ci(win['ci95'])}, is above "
                 f"{ppo_txt} with non-overlapping 95% intervals.")  # fmt: skip
     elif all(c["ppo_is"] == "above" for c in controls):
         out.update(outcome="ppo_wins", winner="PPO")
-        best = f"the {strongest['name']}, {_pct(strongest['accuracy'])} {_ci(strongest['ci95'])}"
+        best = f"the {strongest['name']}, {percent(strongest['accuracy'])} {_ci(strongest['ci95'])}"
         text = (f"PPO wins: {ppo_txt} is above every control with non-overlapping 95% intervals; the strongest "
                 f"control is {best}.")  # fmt: skip
     else:
         close = [c for c in controls if c["ppo_is"] == "overlaps"]
-        names = ", ".join(f"the {c['name']} ({_pct(c['accuracy'])} {_ci(c['ci95'])})" for c in close)
+        names = ", ".join(f"the {c['name']} ({percent(c['accuracy'])} {_ci(c['ci95'])})" for c in close)
         out["outcome"] = "not_distinguishable"
         text = (f"PPO and the controls are not distinguishable: {ppo_txt} overlaps the 95% interval of {names}; "
                 f"the strongest control is the {strongest['name']}.")  # fmt: skip
@@ -225,8 +221,8 @@ def format_controls(verdict: dict[str, Any]) -> list[str]:
     """:func:`controls_verdict` as a markdown table (PPO, then each control) and its verdict."""
     lines = ["| model | checker accuracy | 95% interval | prompts | PPO is |", "|---|---|---|---|---|"]
     p = verdict["ppo"]
-    lines.append(f"| PPO | {_pct(p['accuracy'])} | {_ci(p['ci95'])} | PPO's held-out prompts | |")
+    lines.append(f"| PPO | {percent(p['accuracy'])} | {_ci(p['ci95'])} | PPO's held-out prompts | |")
     for c in verdict["controls"]:
         mark = f"**{c['ppo_is']}**" if c["ppo_is"] == "below" else (c["ppo_is"] or "-")
-        lines.append(f"| {c['name']} | {_pct(c['accuracy'])} | {_ci(c['ci95'])} | {c['note']} | {mark} |")
+        lines.append(f"| {c['name']} | {percent(c['accuracy'])} | {_ci(c['ci95'])} | {c['note']} | {mark} |")
     return [*lines, "", verdict["text"]]
