@@ -8,7 +8,13 @@ in order (``lineage.stage_inputs``), and for each:
 - **stale** (made with another config or other inputs): stops with a message naming each changed key
   (``sft.lr: 0.0005 -> 0.0001``) or input, unless forced (``FORCE=1``), which moves the old folder
   aside (``<stage>.old-<time>``) and never deletes anything;
-- **broken** (artifact gone) or **corrupt** (unreadable manifest): stops naming the file, unless forced (moved aside).
+- **broken** (artifact gone) or **corrupt** (unreadable manifest): stops naming the file, unless forced (moved aside);
+- **running** (another process holds the stage folder's lock): stops at once naming that process
+  (``runs.StageLocked``), forced or not.
+
+The orchestrator takes no stage lock itself: the stage process it launches takes its own (``StageDir.begin``), and
+moving a folder aside (``StageDir.move_aside``) takes it for the moment of the rename, so it is refused while
+another process works on the stage.
 
 Training stages run under ``accelerate launch`` with ``configs/accelerate/<launch>.yaml``; ``launch="cpu"``
 and the tokenizer/export stages run as plain ``python -m stages.<stage>`` (fast start-up). A stage's state and
@@ -35,7 +41,7 @@ from .config import ConfigError, RunConfig, load_config
 from .filecheck import check_checkpoint
 from .lineage import all_fingerprints, stage_inputs
 from .publish import check_export_dir, publish
-from .runs import KEY_METRICS, STAGES, StageDir, StageError
+from .runs import KEY_METRICS, STAGES, StageDir, StageError, StageLocked
 from .status import StageStatus, format_value, run_status, stage_status
 
 __all__ = [
@@ -179,6 +185,8 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
         if st.state == "done":
             log.info("%-9s done, skipped (%s)", stage, st.path / "manifest.json")
             continue
+        if st.holder is not None:  # the stage process would be refused too; say so before launching it
+            raise StageLocked(st.path, st.holder)
         if st.state in ("broken", "corrupt"):
             if not opts.force:
                 raise StageError(

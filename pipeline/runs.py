@@ -1,10 +1,13 @@
 """The run folder and the stage contract (see DESIGN.md).
 
     runs/<run>/<stage>/
+      .lock                      held (flock) by the process working on the stage: PID, command, start time
+      fingerprint.json           the fingerprint of the start, its upstream fingerprints and user-file hashes
       checkpoints/step_000400/   resumable state; written as step_000400.tmp, then renamed; last K kept
       artifact/                  the stage's output
       manifest.json              written last, atomically: the stage is done only when it exists
       metrics.jsonl, tb/         metrics as they happen
+    runs/<run>/.input_hashes.json  content hashes of the user's files, by path, size and mtime (pipeline.lineage)
 
 A stage is *done* when its manifest fingerprint matches, *stale* when a manifest exists with another
 fingerprint (or a partial run was started with another one), *partial* when checkpoints exist without a
@@ -22,17 +25,30 @@ Checkpoints: ``StageDir`` alone names, finds, ranks and removes them. Two kinds 
 
 Either kind is complete only with the ``COMPLETE`` marker; anything else there (a ``.tmp`` folder, an unmarked
 ``checkpoint-N``) is incomplete: never resumed from, removed by :meth:`StageDir.remove_incomplete_checkpoints`.
+
+The lock: one process at a time works on a stage folder. :meth:`StageDir.begin` (the main process of a stage,
+before its first write) and :meth:`StageDir.move_aside` (``FORCE=1``) take ``<stage>/.lock`` with
+``flock(LOCK_EX | LOCK_NB)``; the lock file holds the holder's PID, command line and start time. A second
+process is refused at once with :class:`StageLocked`, naming them (``runs/tiny/sft is in use by PID 1234
+(python -m stages.sft ...) since 12:01:02; wait for it or stop it``). The kernel drops the lock when the holder
+exits, however it exits (SIGKILL included): the file left behind means nothing unless locked. Only the main
+process (rank 0) of a distributed launch takes it; the orchestrator never does (it launches the stage, which
+does). :func:`lock_holder` tells who holds it without taking it (``make status``: ``running (PID n)``).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,8 +62,12 @@ __all__ = [
     "STAGES",
     "KEY_METRICS",
     "CHECKPOINT_MARKER",
+    "LOCK_FILE",
     "Checkpoint",
     "StageError",
+    "StageLocked",
+    "LockHolder",
+    "lock_holder",
     "Interrupted",
     "signal_name",
     "StageDir",
@@ -72,12 +92,51 @@ CHECKPOINT_MARKER = "COMPLETE"
 """File written into a checkpoint folder once it is complete."""
 TRAINER_STATE = "trainer_state.json"
 """The loop state in a checkpoint: ours (``pipeline.checkpoint``) and the HF Trainer's share the name."""
+LOCK_FILE = ".lock"
+"""The stage folder's lock file (see the module docstring)."""
 _STEP_RE = re.compile(r"^step_(\d{6,})(\.tmp)?$")
 _HF_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 class StageError(RuntimeError):
     """A stage cannot run as asked (stale, missing input, corrupt checkpoint...); the message says why."""
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a stage folder's lock, as its lock file records it."""
+
+    pid: int | None
+    command: str
+    """The holder's command line (``sys.orig_argv``), shell-quoted."""
+    started_at: str
+    """When it took the lock: ISO 8601 with the UTC offset ('' when unknown)."""
+    host: str = ""
+
+    def describe(self) -> str:
+        """``PID 1234 (python -m stages.sft --config c.yaml) since 12:01:02``; the date too when not today, the
+        host when not this one."""
+        pid = f"PID {self.pid}" if self.pid is not None else "another process"
+        out = f"{pid} ({self.command or 'command unknown'})"
+        if self.host and self.host != socket.gethostname():
+            out += f" on {self.host}"
+        try:
+            when = _dt.datetime.fromisoformat(self.started_at).astimezone()
+        except (TypeError, ValueError):
+            return out
+        today = when.date() == _dt.datetime.now().astimezone().date()
+        return out + f" since {when.strftime('%H:%M:%S' if today else '%Y-%m-%d %H:%M:%S')}"
+
+
+class StageLocked(StageError):
+    """Another process holds the stage folder's lock: ``runs/tiny/sft is in use by PID 1234 (python -m
+    stages.sft --config c.yaml) since 12:01:02; wait for it or stop it``."""
+
+    def __init__(self, root: Path, holder: LockHolder | None) -> None:
+        who = holder.describe() if holder else "another process"
+        super().__init__(f"{root} is in use by {who}; wait for it or stop it")
+        self.root = Path(root)
+        self.holder = holder
 
 
 class Interrupted(Exception):
@@ -123,6 +182,115 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- the stage lock
+
+_LOCK_TRIES = 6
+_LOCK_RETRY_S = 0.05
+"""A refused attempt is tried again for a quarter of a second: :func:`lock_holder`'s probe holds a shared lock
+for microseconds, which must not make a stage fail; a real holder holds it for minutes."""
+
+
+@dataclass
+class _Held:
+    fd: int
+    path: Path
+
+
+_held: dict[str, _Held] = {}
+"""Stage folders (real path) whose lock this process holds: taking it again is a no-op (a second ``flock`` on
+another descriptor would refuse this very process)."""
+
+
+def _lock_key(root: Path) -> str:
+    return os.path.realpath(root)
+
+
+def _holder_record() -> dict[str, Any]:
+    return {
+        "pid": os.getpid(),
+        "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "argv": list(sys.argv),
+        "started_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+    }
+
+
+def _parse_holder(text: str) -> LockHolder | None:
+    try:
+        rec = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(rec, dict):
+        return None
+    pid = rec.get("pid")
+    return LockHolder(
+        pid if isinstance(pid, int) else None,
+        str(rec.get("command", "")),
+        str(rec.get("started_at", "")),
+        str(rec.get("host", "")),
+    )
+
+
+def _read_holder(path: Path) -> LockHolder | None:
+    """The lock file's record; tried a few times, as a holder writes it just after taking the lock."""
+    for attempt in range(_LOCK_TRIES):
+        try:
+            holder = _parse_holder(path.read_text())
+        except OSError:
+            holder = None
+        if holder is not None and holder.pid is not None:
+            return holder
+        if attempt < _LOCK_TRIES - 1:
+            time.sleep(_LOCK_RETRY_S)
+    return None
+
+
+def _take_lock(root: Path) -> _Held:
+    """Take ``root/.lock`` (creating ``root``) or raise :class:`StageLocked`; write this process's record into it."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_FILE
+    for attempt in range(_LOCK_TRIES):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if attempt < _LOCK_TRIES - 1:
+                time.sleep(_LOCK_RETRY_S)
+                continue
+            raise StageLocked(root, _read_holder(path)) from None
+        try:  # the folder may have been moved aside between open() and flock(): lock the file there now
+            st = os.stat(path)
+            same = (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(fd)
+            continue
+        data = (json.dumps(_holder_record(), indent=2) + "\n").encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        return _Held(fd, path)
+    raise StageLocked(root, _read_holder(path))
+
+
+def lock_holder(root: str | Path) -> LockHolder | None:
+    """Who holds ``root/.lock`` now (this process included), or None when nobody does. Takes nothing for more
+    than a moment (a shared lock, released at once), and creates nothing."""
+    path = Path(root) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _read_holder(path) or LockHolder(None, "", "")
+    finally:
+        os.close(fd)  # closing the only descriptor of this open file releases the probe's shared lock
+    return None
 
 
 @dataclass(frozen=True)
@@ -189,8 +357,56 @@ class StageDir:
 
     @property
     def fingerprint_path(self) -> Path:
-        """Fingerprint of the config that started this (possibly partial) stage."""
+        """Fingerprint of the config that started this (possibly partial) stage, and the content hashes of the
+        user files it read (``contents``: ``pipeline.lineage.input_contents``)."""
         return self.root / "fingerprint.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_FILE
+
+    # ------------------------------------------------------------------ the lock
+
+    def lock(self) -> None:
+        """Take this stage folder's lock for this process (a no-op when it holds it already), creating the folder.
+
+        Held until :meth:`unlock` or until the process exits (the kernel releases it then, even after SIGKILL).
+
+        Raises:
+            StageLocked: another process holds it; the message names the folder, its PID, command and start time.
+        """
+        key = _lock_key(self.root)
+        held = _held.get(key)
+        if held is not None:
+            try:
+                st = os.stat(held.path)
+                if (st.st_dev, st.st_ino) == (os.fstat(held.fd).st_dev, os.fstat(held.fd).st_ino):
+                    return
+            except OSError:
+                pass
+            self._release(key)  # the folder was moved away under us: lock the one at this path now
+        _held[key] = _take_lock(self.root)
+
+    def unlock(self) -> None:
+        """Release this process's lock on the folder, if it holds it."""
+        self._release(_lock_key(self.root))
+
+    @staticmethod
+    def _release(key: str) -> None:
+        held = _held.pop(key, None)
+        if held is not None:
+            os.close(held.fd)  # closing the descriptor releases the flock
+
+    @property
+    def holds_lock(self) -> bool:
+        """Whether this process holds the folder's lock."""
+        return _lock_key(self.root) in _held
+
+    def holder(self) -> LockHolder | None:
+        """Another process that holds the folder's lock now, or None (this process's own lock is not reported)."""
+        if self.holds_lock:
+            return None
+        return lock_holder(self.root)
 
     # ------------------------------------------------------------------ manifest / state
 
@@ -226,18 +442,44 @@ class StageDir:
         return "missing"
 
     def started_fingerprint(self) -> str | None:
-        if not self.fingerprint_path.is_file():
-            return None
-        return json.loads(self.fingerprint_path.read_text()).get("fingerprint")
+        return self.started().get("fingerprint")
 
-    def begin(self, fingerprint: str, config_yaml: str, force: bool = False) -> str:
-        """Prepare the stage folder for a run with ``fingerprint``; returns the state found.
+    def started(self) -> dict[str, Any]:
+        """``fingerprint.json``: ``fingerprint``, ``inputs`` (upstream stage -> fingerprint) and ``contents`` (user
+        file -> content hash); {} without one."""
+        if not self.fingerprint_path.is_file():
+            return {}
+        try:
+            rec = json.loads(self.fingerprint_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def begin(
+        self,
+        fingerprint: str,
+        config_yaml: str,
+        force: bool = False,
+        contents: dict[str, str] | None = None,
+        inputs: dict[str, str] | None = None,
+    ) -> str:
+        """Take the folder's lock, then prepare it for a run with ``fingerprint``; returns the state found.
 
         done -> nothing to do (caller returns); stale or corrupt -> error unless ``force`` (then the old
         folder is moved aside, never deleted); partial with another fingerprint -> the same; missing with files
-        left by a start with another fingerprint -> they are moved aside.
+        left by a start with another fingerprint -> they are moved aside. ``contents`` (the content hashes of the
+        user files the stage reads) and ``inputs`` (the upstream stages' fingerprints it consumes) go into
+        ``fingerprint.json`` beside the fingerprint, so ``make status`` can say what changed since, even for a
+        stage that never finished.
+
+        Raises:
+            StageLocked: another process works on this stage (nothing was changed).
+            StageError: stale or corrupt without ``force``.
         """
-        state = self.state(fingerprint)
+        if not self.holds_lock and self.state(fingerprint) == "done":
+            return "done"  # nothing will be written: no lock needed
+        self.lock()
+        state = self.state(fingerprint)  # again, under the lock: another process may have changed it
         if state == "corrupt" and not force:
             self.manifest()  # raises, naming the file and the fix
         if state in ("stale", "corrupt"):
@@ -257,13 +499,15 @@ class StageDir:
         if state == "missing":  # a start cut off before its first checkpoint: clear what it half wrote
             self.remove_incomplete_checkpoints()
             self.truncate_metrics_after(0)
-        atomic_write_json(self.fingerprint_path, {"fingerprint": fingerprint})
+        atomic_write_json(
+            self.fingerprint_path, {"fingerprint": fingerprint, "inputs": inputs or {}, "contents": contents or {}}
+        )
         atomic_write_text(self.root / "config.yaml", config_yaml)
         return state
 
     def _leftovers(self) -> list[Path]:
         """What a failed start left besides its bookkeeping (kept: it may be someone's data)."""
-        ours = {self.fingerprint_path.name, "config.yaml", self.metrics_path.name, self.tb.name}
+        ours = {self.fingerprint_path.name, "config.yaml", self.metrics_path.name, self.tb.name, LOCK_FILE}
         return [p for p in self.root.iterdir() if p.name not in ours] if self.root.is_dir() else []
 
     def _found_fingerprint(self) -> str:
@@ -273,13 +517,43 @@ class StageDir:
         return str(self.started_fingerprint())
 
     def move_aside(self) -> Path:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        dest = self.root.with_name(f"{self.root.name}.old-{stamp}")
-        n = 1
-        while dest.exists():
-            dest = self.root.with_name(f"{self.root.name}.old-{stamp}-{n}")
-            n += 1
-        os.replace(self.root, dest)
+        """Rename the folder to ``<stage>.old-<time>`` (never delete it) and return the new path.
+
+        Done under the folder's lock: refused while another process holds it. A process that held the lock
+        before (a stage forcing itself) holds the lock of a fresh, empty folder at the old path afterwards. A
+        folder that had no lock file (never a stage's: ``publish`` moves an export destination aside) is moved
+        as it was, without one.
+
+        Raises:
+            StageLocked: another process works on this stage (nothing was moved).
+        """
+        had_lock = self.holds_lock
+        lockable = self.root.is_dir()
+        created = lockable and not self.lock_path.exists()
+        key = _lock_key(self.root)
+        if lockable:
+            self.lock()
+        try:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            dest = self.root.with_name(f"{self.root.name}.old-{stamp}")
+            n = 1
+            while dest.exists():
+                dest = self.root.with_name(f"{self.root.name}.old-{stamp}-{n}")
+                n += 1
+            os.replace(self.root, dest)
+            if created:  # after the rename: anyone who opened it meanwhile finds it gone and looks again
+                (dest / LOCK_FILE).unlink()
+        except BaseException:
+            if not had_lock:
+                self.unlock()
+            raise
+        old = _held.pop(key, None)
+        try:
+            if had_lock:  # take the new folder's lock before letting go of the old one: no gap for another process
+                _held[key] = _take_lock(self.root)
+        finally:
+            if old is not None:
+                os.close(old.fd)
         return dest
 
     def write_manifest(
@@ -290,11 +564,15 @@ class StageDir:
         metrics: dict[str, Any],
         wall_time_s: float,
         extra: dict[str, Any] | None = None,
+        contents: dict[str, str] | None = None,
     ) -> dict[str, Any]:
+        """Write ``manifest.json`` (last, atomically): ``inputs`` are the upstream stages' fingerprints consumed,
+        ``contents`` the content hashes of the user files read (``input_contents``)."""
         manifest = {
             "stage": self.stage,
             "fingerprint": fingerprint,
             "inputs": inputs,
+            "input_contents": contents or {},
             "config": config,
             "metrics": metrics,
             "wall_time_s": round(wall_time_s, 3),

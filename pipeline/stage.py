@@ -7,8 +7,15 @@ run the body, write the manifest last.
 Command line of every stage: ``python -m stages.<stage> --config run.yaml [--force] [section.key=value ...]``
 (under ``accelerate launch`` for the training stages).
 
-Exit codes: 0 done (or already done); 2 a config error or a ``StageError`` (the message says why);
-128+N when signal N interrupted training (``pipeline.runs.Interrupted``, raised after a checkpoint was saved).
+Exit codes: 0 done (or already done); 2 a config error or a ``StageError`` (the message says why), including
+another process working on the same stage folder (``runs.StageLocked``: ``runs/tiny/sft is in use by PID 1234
+(...) since 12:01:02; wait for it or stop it``); 128+N when signal N interrupted training
+(``pipeline.runs.Interrupted``, raised after a checkpoint was saved).
+
+The main process (rank 0, ``launch.is_main_process``) takes the stage folder's lock in ``StageDir.begin``, before
+its first write, and keeps it until the stage ends (the kernel drops it if the process dies); the other ranks
+of a distributed launch take no lock: they wait for rank 0's ``fingerprint.json`` and write only what rank 0
+lets them.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any
 
 from .config import ConfigError, RunConfig, load_config, to_dict, to_yaml
 from .launch import configure_process, is_main_process
-from .lineage import all_fingerprints, stage_inputs
+from .lineage import all_fingerprints, input_contents, stage_inputs
 from .runs import Interrupted, StageDir, StageError, require_done
 
 __all__ = ["StageContext", "StageResult", "run_stage", "is_main_process", "setup_logging"]
@@ -84,9 +91,11 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
     setup_logging()
     configure_process()
     args = parse_args(stage, argv)
+    sd: StageDir | None = None
     try:
         cfg = load_config(args.config, args.overrides)
         fps = all_fingerprints(cfg)
+        contents = input_contents(cfg, stage)
         sd = StageDir.of(cfg.run_dir, stage)
         state = sd.state(fps[stage])
         if state == "done":
@@ -102,7 +111,10 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
                 )
             inputs[up] = fps[up]
         if is_main_process():
-            state = sd.begin(fps[stage], to_yaml(cfg), force=args.force)
+            state = sd.begin(fps[stage], to_yaml(cfg), force=args.force, contents=contents, inputs=inputs)
+            if state == "done":  # another process finished it meanwhile
+                log.info("%s: already done (%s), nothing to do", stage, sd.manifest_path)
+                return 0
         else:
             # wait for rank 0 to prepare the folder (move aside a stale one etc.)
             deadline = time.time() + 120
@@ -121,7 +133,13 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
                 if k in ("run", stage) or (stage == "pretrain" and k in ("model", "data"))
             }
             sd.write_manifest(
-                fps[stage], inputs, sections, result.metrics, time.time() - t0 + result.prior_wall_time_s, result.extra
+                fps[stage],
+                inputs,
+                sections,
+                result.metrics,
+                time.time() - t0 + result.prior_wall_time_s,
+                result.extra,
+                contents=contents,
             )
             log.info("%s: done -> %s", stage, sd.artifact)
         return 0
@@ -131,3 +149,6 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        if sd is not None:
+            sd.unlock()  # the process ends next; in-process callers (tests) get the folder back

@@ -2,8 +2,11 @@
 
 - **done**: the key metrics of its manifest (``runs.KEY_METRICS``); **broken** when its artifact has gone;
 - **partial**: the step of its newest complete checkpoint, of how many (``StageDir.progress``, else the config);
-- **stale**: each changed key that matters (``sft.lr: 0.0005 -> 0.0001``) or changed input;
-- **corrupt**: its manifest cannot be read: the file and the fix (move the folder aside, or FORCE=1).
+- **stale**: each changed key that matters (``sft.lr: 0.0005 -> 0.0001``) or changed input: an upstream stage,
+  or a user file whose content changed (``input sft.dataset.source file data/x.jsonl changed``, from the content
+  hashes ``fingerprint.json`` records);
+- **corrupt**: its manifest cannot be read: the file and the fix (move the folder aside, or FORCE=1);
+- **running (PID n)**: a stage not done whose folder's lock another process holds (``runs.lock_holder``).
 
 This module imports no torch: deciding that everything is done takes well under a second.
 """
@@ -18,8 +21,8 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, RunConfig, fingerprint, from_dict, to_dict
-from .lineage import all_fingerprints, stage_inputs, stage_sections
-from .runs import KEY_METRICS, STAGES, StageDir, StageError
+from .lineage import all_fingerprints, content_changes, input_contents, stage_inputs, stage_sections
+from .runs import KEY_METRICS, STAGES, LockHolder, StageDir, StageError
 
 __all__ = ["StageStatus", "format_value", "stage_status", "run_status", "config_changes"]
 
@@ -42,11 +45,17 @@ class StageStatus:
     changes: list[str] = field(default_factory=list)
     """For a stale stage: what changed, one line per key or input."""
     wall_time_s: float | None = None
+    holder: LockHolder | None = None
+    """Another process working on the stage now (it holds the folder's lock); None for a done stage."""
 
     def line(self) -> str:
         """One human-readable line: ``sft       done     train_loss=1.23 ... runs/tiny/sft/artifact``."""
         state = self.state
-        if state == "partial":
+        if self.holder is not None:
+            pid = f"PID {self.holder.pid}" if self.holder.pid is not None else "another process"
+            at = f", at step {self.step} of {self.max_steps or '?'}" if state == "partial" and self.step else ""
+            state = f"running ({pid}{at})"
+        elif state == "partial":
             state = f"partial (at step {self.step if self.step is not None else 0} of {self.max_steps or '?'})"
         elif state == "corrupt" and self.changes:
             state = f"corrupt ({self.changes[0]})"
@@ -89,7 +98,11 @@ def _saved_config(sd: StageDir) -> dict[str, Any] | None:
 
 
 def config_changes(
-    cfg: RunConfig, stage: str, saved: dict[str, Any], saved_inputs: dict[str, str] | None = None
+    cfg: RunConfig,
+    stage: str,
+    saved: dict[str, Any],
+    saved_inputs: dict[str, str] | None = None,
+    saved_contents: dict[str, str] | None = None,
 ) -> list[str]:
     """Explain why ``stage`` made with config ``saved`` differs from ``cfg``, key by key.
 
@@ -102,6 +115,9 @@ def config_changes(
         stage: the stage to explain.
         saved: the resolved config tree the stage folder was made with (possibly only some sections).
         saved_inputs: upstream stage -> fingerprint the stage consumed (from its manifest).
+        saved_contents: user file -> content hash the stage read (``fingerprint.json``'s ``contents``); a file
+            whose content changed is reported as ``input sft.dataset.source file data/x.jsonl changed``, and an
+            upstream stage changed that way as ``input 'sft' changed (sft.dataset.source file ... changed)``.
 
     Returns:
         One line per change; empty when nothing identifiable changed.
@@ -130,13 +146,21 @@ def config_changes(
             ups = tuple(u for u in stage_inputs(cfg, stage) if alt.get(u) != fps[u])
             via_inputs.setdefault(ups, []).append(change)
     lines = list(direct)
+    if saved_contents is not None:
+        changed_keys = {line.split(":")[0] for line in direct}
+        lines += [
+            line
+            for line in content_changes(input_contents(cfg, stage), saved_contents)
+            if line.split()[1] not in changed_keys or line.endswith(" changed")  # a new path: its key says it
+        ]
     for ups, changes in via_inputs.items():
         names = " and ".join(f"'{u}'" for u in ups) or "an input"
         lines.append(f"input {names} changed ({', '.join(changes)})")
     explained = {u for ups in via_inputs for u in ups}
     for up, fp in (saved_inputs or {}).items():
         if up not in explained and fps.get(up) not in (None, fp):
-            lines.append(f"input '{up}' changed (fingerprint {fp} -> {fps[up]})")
+            why = _upstream_content_changes(cfg, up, fp)
+            lines.append(f"input '{up}' changed ({'; '.join(why) if why else f'fingerprint {fp} -> {fps[up]}'})")
     sections = {k.split(".")[0] for k in old}  # a manifest may hold only some sections
     added = sorted(k for k in set(now) - set(old) if k.split(".")[0] in sections and k not in _IGNORED_KEYS)
     removed = sorted(set(old) - set(now))
@@ -145,6 +169,24 @@ def config_changes(
     if added:
         lines.insert(0, f"keys new since it was made: {', '.join(added[:5])}")
     return lines
+
+
+def _upstream_content_changes(cfg: RunConfig, up: str, consumed: str) -> list[str]:
+    """How upstream stage ``up``'s user files changed since it made the fingerprint ``consumed`` (when its folder
+    still records that start), e.g. ``sft.dataset.source file data/x.jsonl changed``."""
+    rec = StageDir.of(cfg.run_dir, up).started()
+    if rec.get("fingerprint") != consumed or not isinstance(rec.get("contents"), dict):
+        return []
+    return [line.removeprefix("input ") for line in content_changes(input_contents(cfg, up), rec["contents"])]
+
+
+def _saved_contents(sd: StageDir, manifest: dict[str, Any] | None) -> dict[str, str] | None:
+    """The content hashes of the user files a stage read: its manifest's, else ``fingerprint.json``'s; None for a
+    folder made before they were recorded."""
+    for rec, key in ((manifest or {}, "input_contents"), (sd.started(), "contents")):
+        if isinstance(rec.get(key), dict):
+            return rec[key]
+    return None
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -187,6 +229,8 @@ def stage_status(cfg: RunConfig, stage: str, fps: dict[str, str] | None = None) 
             st.changes = [str(e)]
         return st
     manifest = sd.manifest()
+    if state != "done":
+        st.holder = sd.holder()
     if state == "done":
         assert manifest is not None
         st.metrics = {k: manifest["metrics"][k] for k in KEY_METRICS.get(stage, ()) if k in manifest.get("metrics", {})}
@@ -199,7 +243,8 @@ def stage_status(cfg: RunConfig, stage: str, fps: dict[str, str] | None = None) 
         st.max_steps = recorded or _configured_steps(cfg, stage)
     elif state == "stale":
         saved = _saved_config(sd)
-        st.changes = config_changes(cfg, stage, saved or {}, (manifest or {}).get("inputs"))
+        consumed = (manifest or sd.started()).get("inputs")  # a partial stage's: its fingerprint.json
+        st.changes = config_changes(cfg, stage, saved or {}, consumed, _saved_contents(sd, manifest))
         if not st.changes:
             st.changes = [f"fingerprint {_found_fp(sd, manifest)} != {fps[stage]}"]
     return st
