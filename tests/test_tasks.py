@@ -23,6 +23,7 @@ from pipeline.data.tasks import (
     export_default_datasets,
     generate_tasks,
     load_words,
+    response_class,
     score_answer,
     to_pairs,
 )
@@ -107,7 +108,7 @@ def test_every_sft_answer_passes_its_checker(default_sets):
     for rec in default_sets.sft_train + default_sets.sft_eval:
         assert check_answer(rec, rec["messages"][1]["content"]), rec
         assert score_answer(rec, rec["answer"]) == 1.0
-        assert answer_format(rec["answer"]) in ("number", "letters")
+        assert answer_format(rec["answer"]) in ("number", "letters") or rec["task"] == "say"
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -119,12 +120,84 @@ def test_answers_are_right(kind):
         if fam.items == "words":
             word = _item(rec)
             assert word in q or " ".join(word) in q
+            if kind == "say":
+                form = tasks.SAY_FORMS[[q in (t.format(w=word) for t in ts) for ts, _ in tasks.SAY_FORMS].index(True)]
+                assert rec["answer"] == form[1].format(w=word)
+                continue
             want = {"spell": word, "reverse": word[::-1], "sort": "".join(sorted(word)), "count": str(len(word))}
             assert rec["answer"].replace(" ", "") == want[kind]
         else:
             a, b = (int(x) for x in rec["id"].split(f"-{kind}-")[1].rsplit("-p", 1)[0].split("+"))
             assert str(a) in q and str(b) in q
             assert rec["answer"] == str(a + b)
+
+
+SAY = dataclasses.replace(SMALL, kinds=("say",), n_sft_train=2000, n_sft_eval=100, n_ppo_eval=100)
+
+
+def test_say_demonstrations_follow_the_prompt_at_the_configured_rate():
+    for rate in (0.0, 0.35, 1.0):
+        s = generate_tasks(dataclasses.replace(SAY, sft_follow_rate=rate))
+        asked = [r for r in s.sft_train if r["answer"] != _item(r)]  # forms other than the bare word
+        followed = [r for r in asked if r["messages"][1]["content"] == r["answer"]]
+        lazy = [r for r in asked if r["messages"][1]["content"] == _item(r)]
+        assert len(followed) + len(lazy) == len(asked) > 1000
+        assert abs(len(followed) / len(asked) - rate) < 0.04, (rate, len(followed) / len(asked))
+        # the bare-word prompts' demonstrations are right either way, and held-out records always are
+        assert all(r["messages"][1]["content"] == r["answer"] for r in s.sft_train if r["answer"] == _item(r))
+        assert all(r["messages"][1]["content"] == r["answer"] for r in s.sft_eval)
+    # the rate changes the demonstrations only: same prompts, same answers, same other sets
+    a, b = generate_tasks(SAY), generate_tasks(dataclasses.replace(SAY, sft_follow_rate=0.35))
+    assert [(r["id"], r["answer"]) for r in a.sft_train] == [(r["id"], r["answer"]) for r in b.sft_train]
+    assert a.reward_train == b.reward_train and a.ppo_eval == b.ppo_eval
+
+
+@pytest.mark.parametrize(
+    ("answer", "response", "cls"),
+    [
+        ('"king"', '"king"', "right"),
+        ('"king"', ' "king" ', "right"),
+        ('"king"', "king", "near miss"),
+        ("(king)", "king", "near miss"),
+        ("king?", "king!", "near miss"),
+        ("king!", "king.", "near miss"),
+        ("(king)", "(king", "near miss"),
+        ("king", "King", "malformed"),  # the word itself, in another case, is missing
+        ('"king"', '"kong"', "malformed"),
+        ("king", "", "malformed"),
+    ],
+)
+def test_say_checker_is_about_form(answer, response, cls):
+    assert response_class({"task": "say", "answer": answer}, response) == cls
+
+
+def test_say_ranked_responses_put_the_asked_form_first_and_the_bare_word_among_near_misses():
+    s = generate_tasks(dataclasses.replace(SAY, responses_per_prompt=4))
+    bare_seen = 0
+    for rec in s.reward_train:
+        best = rec["responses"][rec["ranking"][0]]
+        assert best == rec["answer"]
+        word = _item(rec)
+        bare_seen += word in rec["responses"] and word != rec["answer"]
+    assert bare_seen > len(s.reward_train) // 4
+
+
+def test_dev_and_test_splits_share_no_item_with_each_other_or_training():
+    dev = generate_tasks(dataclasses.replace(SAY, eval_split="dev"))
+    test = generate_tasks(SAY)
+    assert dev.sft_train == test.sft_train and dev.ppo_train == test.ppo_train  # training sets do not move
+    items = {name: {_item(r) for r in getattr(s, f)} for name, s in (("dev", dev), ("test", test)) for f in ("sft_eval",)}
+    train = {_item(r) for r in test.sft_train + test.reward_train + test.ppo_train}
+    assert items["dev"] and items["test"] and not items["dev"] & items["test"]
+    assert not (items["dev"] | items["test"]) & train
+
+
+def test_default_run_test_split_is_large_enough():
+    """Issue 19: at least 500 test prompts over at least 200 distinct held-out items."""
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml").data.tasks
+    s = generate_tasks(cfg)
+    assert len(s.ppo_eval) >= 500 and len({_item(r) for r in s.ppo_eval}) >= 200
+    assert [r["id"] for r in s.ppo_eval] == [r["id"] for r in s.sft_eval]
 
 
 def test_difficulty_knobs():

@@ -113,6 +113,15 @@ class TasksConfig:
     data_cards/generated-tasks-rewards.md)."""
     holdout_fraction: float = 0.2
     """Share of the words and number pairs that only held-out prompts (sft_eval, reward_eval, ppo_eval) use."""
+    dev_fraction: float = 0.3
+    """Share of the held-out items in the dev split; the rest are the test split. They share no item."""
+    eval_split: Literal["test", "dev"] = "test"
+    """Which held-out split the stages evaluate on (sft_eval, reward_eval, ppo_eval): ``dev`` while choosing
+    settings, ``test`` (default) for the numbers a run reports. Training sets are the same either way."""
+    sft_follow_rate: float = 1.0
+    """Share of SFT training demonstrations that answer in the form the prompt asks for; the others give the
+    family's careless answer (``say``: the bare word, whatever form was asked). Only ``say`` has a careless
+    answer; 1.0: every demonstration follows its prompt. Held-out records always carry the right answer."""
     max_operand: int = 99
     """Numbers of the ``add`` task are 0..max_operand."""
     max_word_len: int = 8
@@ -133,6 +142,10 @@ class TasksConfig:
             )
         if not 0.0 < self.holdout_fraction < 1.0:
             problems.append(f"data.tasks.holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        if not 0.0 < self.dev_fraction < 1.0:
+            problems.append(f"data.tasks.dev_fraction must be in (0, 1), got {self.dev_fraction}")
+        if not 0.0 <= self.sft_follow_rate <= 1.0:
+            problems.append(f"data.tasks.sft_follow_rate must be in [0, 1], got {self.sft_follow_rate}")
         if self.max_operand < 1:
             problems.append(f"data.tasks.max_operand must be >= 1, got {self.max_operand}")
         if not 3 <= self.max_word_len <= 8:

@@ -90,7 +90,8 @@ class RewardStageConfig:
     """bradley_terry: a scalar head on the backbone (``AutoModelForSequenceClassification``), the usual reward
     model; dpo: the init model trained with the DPO loss on the same pairs, whose reward is DPO's implicit
     reward ``dpo_beta * log pi(y|x) / pi_ref(y|x)`` against the frozen init model (``pipeline/reward/implicit.py``;
-    PPO then needs ``ppo.advantage=group``). Every comparison is one DPO pair (``kwise`` does not apply)."""
+    with ``ppo.advantage=gae`` PPO's value model then starts from the policy with a new scalar head). Every
+    comparison is one DPO pair (``kwise`` does not apply)."""
     dpo_beta: float = 0.1
     """DPO's beta (objective=dpo): the scale of the implicit reward and the strength of the pull to the reference."""
     dpo_nll_weight: float = 0.0

@@ -9,9 +9,10 @@ malformed response has the wrong form (empty, rambling, repeated, unspaced, anot
 from __future__ import annotations
 
 import random
+import re
 from typing import Any
 
-from pipeline.data.task_checks import answer_format, score_answer, spaced
+from pipeline.data.task_checks import SAY_FORMS, answer_format, score_answer, spaced
 
 __all__ = ["ranked_candidates", "to_pairs"]
 
@@ -21,6 +22,8 @@ _FILLER = ("and", "so", "my", "good", "lord", "i", "think", "it", "is", "perhaps
 def _near_misses(kind: str, answer: str, rng: random.Random) -> list[str]:
     """Well-formed wrong answers close to ``answer``: off by a little, one letter wrong."""
     out: list[str] = []
+    if kind == "say":
+        return _say_near_misses(answer, rng)
     if answer_format(answer) == "number":
         n = int(answer)
         out += [str(n + d) for d in (1, -1, 2, -2, 10, -10, 3, -3) if n + d >= 0]
@@ -45,6 +48,20 @@ def _near_misses(kind: str, answer: str, rng: random.Random) -> list[str]:
             out.append(spaced(reversed(letters)))  # the other direction
     rng.shuffle(out)
     return [o for o in out if o != answer and answer_format(o) == answer_format(answer)]
+
+
+def _say_near_misses(answer: str, rng: random.Random) -> list[str]:
+    """The word in the other forms (the bare word first, what careless demonstrations give), then the asked
+    form with one letter of the word replaced."""
+    word = re.findall(r"[a-z]+", answer)[-1]
+    others = [form.format(w=word) for _, form in SAY_FORMS]
+    others = [o for o in others if o != answer]
+    rng.shuffle(others)
+    i = rng.randrange(len(word))
+    typo = word[:i] + rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != word[i]]) + word[i + 1 :]
+    bare = word if word != answer else None
+    out = ([bare] if bare else []) + [o for o in others if o != bare] + [answer.replace(word, typo)]
+    return out
 
 
 def _malformed(answer: str, rng: random.Random, words: tuple[str, ...]) -> list[str]:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from difflib import SequenceMatcher
 from typing import Any
 
-__all__ = ["spaced", "answer_format", "has_checker", "check_answer", "score_answer", "response_class"]
+__all__ = ["SAY_FORMS", "spaced", "answer_format", "has_checker", "check_answer", "score_answer", "response_class"]
 
 _NUMBER = re.compile(r"[+-]?\d+")
 _LETTERS = re.compile(r"[a-z]( [a-z])*")
@@ -84,6 +84,8 @@ def score_answer(record: dict[str, Any], response: str) -> float:
     Raises:
         ValueError: the record has no ``task``/``answer`` (no checker).
     """
+    if record.get("task") == "say":
+        return _score_say(record, response)
     want, got = _truth(record), _normalise(response)
     fmt = answer_format(want)
     if fmt == "number" and _NUMBER.fullmatch(got):
@@ -97,6 +99,36 @@ def score_answer(record: dict[str, Any], response: str) -> float:
         return 1.0
     span = _WRONG_BASE + _WRONG_SPAN if fmt == "text" else _MALFORMED_SPAN
     return span * SequenceMatcher(None, got, want, autojunk=False).ratio()
+
+
+SAY_FORMS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (('Say "{w}".', 'Write "{w}" and nothing else.'), "{w}"),
+    (('Say "{w}" in quotes.', 'Write "{w}" in double quotes.'), '"{w}"'),
+    (('Shout "{w}"!', 'Say "{w}" with an exclamation mark.'), "{w}!"),
+    (('Say "{w}" in parentheses.', 'Write "{w}" in round brackets.'), "({w})"),
+    (('Ask "{w}" as a question.', 'Say "{w}" with a question mark.'), "{w}?"),
+)
+"""The ``say`` task's forms: (prompt phrasings, answer pattern). The first is the bare word, the answer a
+careless demonstrator gives to every form. The prompt quotes the word so that it is the same BPE tokens as in
+every answer (a word after a space is other tokens than the word after a quote, and copying across that
+mapping does not generalise to held-out words at this model size: measured, data_cards/generated-tasks-sft.md)."""
+
+_WORDS = re.compile(r"[a-z]+")
+
+
+def _score_say(record: dict[str, Any], response: str) -> float:
+    """The ``say`` task is about form, so only surrounding whitespace is forgiven: quotes, ``!``, case and
+    repeats are what the prompt asks for. Right: the answer exactly. Near miss: the word itself appears (a
+    different form, e.g. the bare word). Malformed: the word is missing or misspelled."""
+    _truth(record)
+    want, got = " ".join(str(record["answer"]).split()), " ".join(str(response).split())
+    if got == want:
+        return 1.0
+    word = _WORDS.findall(want)[-1]  # the one lowercase word of every form
+    similarity = SequenceMatcher(None, got, want, autojunk=False).ratio()
+    if word in _WORDS.findall(got):
+        return _WRONG_BASE + _WRONG_SPAN * similarity
+    return _MALFORMED_SPAN * similarity
 
 
 def response_class(record: dict[str, Any], response: str) -> str:

@@ -62,7 +62,7 @@ from typing import Any
 
 from pipeline.config import TasksConfig
 from pipeline.data.task_candidates import ranked_candidates, to_pairs
-from pipeline.data.task_checks import answer_format, check_answer, response_class, score_answer, spaced
+from pipeline.data.task_checks import SAY_FORMS, answer_format, check_answer, response_class, score_answer, spaced
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -81,11 +81,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 """Part of every record id; bump on any change in the generated output."""
 
 
 # ----------------------------------------------------------------------------- families
+
+
+_SAY_TEMPLATE_FORMS = [(t, form) for ts, form in SAY_FORMS for t in ts]
 
 
 @dataclass(frozen=True)
@@ -94,35 +97,47 @@ class _Family:
     """Prompt phrasings; fields {w} (word) or {a}, {b} (numbers)."""
     items: str
     """'words' or 'pairs'."""
-    answer: Callable[[tuple[Any, ...]], str]
+    answer: Callable[[tuple[Any, ...], int], str]
+    """The answer to an item asked with template number t."""
+    lazy: Callable[[tuple[Any, ...]], str] | None = None
+    """The answer a careless demonstrator gives whatever the template asks (``say``: the bare word); None:
+    demonstrations always follow the template."""
 
 
 FAMILIES: dict[str, _Family] = {
     # Numbers are single digits in a Shakespeare BPE, so the model sees every digit of the operands.
-    "add": _Family(("What is {a} + {b}?", "Add {a} and {b}.", "{a} + {b} ="), "pairs", lambda it: str(it[0] + it[1])),
+    "add": _Family(("What is {a} + {b}?", "Add {a} and {b}.", "{a} + {b} ="), "pairs", lambda it, t: str(it[0] + it[1])),
     # The word is one to three BPE pieces: spelling it needs what each piece is made of.
     "spell": _Family(
         ("Spell the word {w}.", "Spell {w} letter by letter.", "How do you spell {w}?"),
         "words",
-        lambda it: spaced(it[0]),
+        lambda it, t: spaced(it[0]),
     ),
     # The letters are given spaced (one token each), so reversing and counting generalise to unseen words.
     "reverse": _Family(
         ("Reverse {s}.", "Reverse the letters {s}.", "Write {s} backwards."),
         "words",
-        lambda it: spaced(reversed(it[0])),
+        lambda it, t: spaced(reversed(it[0])),
     ),
     # Not in the default kinds. A wrong order shows in one adjacent pair, so generated near misses are easy
     # to judge, but the SFT model's own errors (wrong letters, in order) are not: data_cards/generated-tasks-sft.md.
     "sort": _Family(
         ("Sort the letters {s}.", "Put {s} in alphabetical order.", "Sort {s} from a to z."),
         "words",
-        lambda it: spaced(sorted(it[0])),
+        lambda it, t: spaced(sorted(it[0])),
     ),
     "count": _Family(
         ("How many letters are in {s}?", "Count the letters in {s}.", "How many letters does {s} have?"),
         "words",
-        lambda it: str(len(it[0])),
+        lambda it, t: str(len(it[0])),
+    ),
+    # The word in the form the prompt asks for: copying the word is easy, the form is what demonstrations
+    # get wrong (data.tasks.sft_follow_rate), and a judge sees the form at a glance.
+    "say": _Family(
+        tuple(t for form in SAY_FORMS for t in form[0]),
+        "words",
+        lambda it, t: _SAY_TEMPLATE_FORMS[t][1].format(w=it[0]),
+        lazy=lambda it: it[0],
     ),
 }
 KINDS: tuple[str, ...] = tuple(FAMILIES)
@@ -171,7 +186,12 @@ class _Prompt:
 
     @property
     def answer(self) -> str:
-        return FAMILIES[self.kind].answer(self.item)
+        return FAMILIES[self.kind].answer(self.item, self.template)
+
+    @property
+    def lazy_answer(self) -> str | None:
+        lazy = FAMILIES[self.kind].lazy
+        return None if lazy is None else lazy(self.item)
 
     @property
     def id(self) -> str:
@@ -202,14 +222,22 @@ def _rng(cfg: TasksConfig, purpose: str) -> random.Random:
 
 
 def _split_items(cfg: TasksConfig) -> dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
-    """(train items, held-out items) for words and for unordered number pairs."""
+    """(train items, held-out items of ``cfg.eval_split``) for words and for unordered number pairs.
+
+    The held-out items are split once more, by ``dev_fraction``, into a dev split (for choosing settings) and a
+    test split (for the reported numbers); the two never share an item. With a single held-out item both
+    splits are that item.
+    """
     words = [(w,) for w in load_words() if len(w) <= cfg.max_word_len]
     pairs = [(a, b) for a in range(cfg.max_operand + 1) for b in range(a, cfg.max_operand + 1)]
     out = {}
     for name, items in (("words", words), ("pairs", pairs)):
         _rng(cfg, f"split-{name}").shuffle(items)
         n_held = min(len(items) - 1, max(1, round(len(items) * cfg.holdout_fraction)))  # both sides non-empty
-        out[name] = (items[n_held:], items[:n_held])
+        held = items[:n_held]
+        n_dev = min(len(held) - 1, max(1, round(len(held) * cfg.dev_fraction)))
+        dev, test = (held, held) if n_dev < 1 else (held[:n_dev], held[n_dev:])
+        out[name] = (items[n_held:], dev if cfg.eval_split == "dev" else test)
     return out
 
 
@@ -291,9 +319,18 @@ def _allocate(cfg: TasksConfig) -> dict[str, list[_Prompt]]:
     return {name: _ordered(ps, cfg, "eval" if name in ("sft_eval", "ppo_eval") else name) for name, ps in sets.items()}
 
 
-def _sft_record(p: _Prompt) -> dict[str, Any]:
-    messages = [{"role": "user", "content": p.text}, {"role": "assistant", "content": p.answer}]
+def _sft_record(p: _Prompt, demo: str | None = None) -> dict[str, Any]:
+    """A chat record whose assistant turn is ``demo`` (default: the answer); ``answer`` is always the answer."""
+    messages = [{"role": "user", "content": p.text}, {"role": "assistant", "content": p.answer if demo is None else demo}]
     return {"messages": messages, "task": p.kind, "answer": p.answer, "id": p.id}
+
+
+def _demo(p: _Prompt, cfg: TasksConfig, rng: random.Random) -> str:
+    """A training demonstration: the answer with probability ``sft_follow_rate``, else the family's lazy answer
+    (one draw per prompt whatever its family, so the stream does not depend on which families are lazy)."""
+    follows = rng.random() < cfg.sft_follow_rate
+    lazy = p.lazy_answer
+    return p.answer if follows or lazy is None else lazy
 
 
 def _ppo_record(p: _Prompt) -> dict[str, Any]:
@@ -318,7 +355,10 @@ def generate_tasks(cfg: TasksConfig) -> TaskSets:
     prompts = _allocate(cfg)
     out: dict[str, list[dict[str, Any]]] = {}
     for name, ps in prompts.items():
-        if name.startswith("sft"):
+        if name == "sft_train":
+            rng = _rng(cfg, "demos")
+            out[name] = [_sft_record(p, _demo(p, cfg, rng)) for p in ps]
+        elif name.startswith("sft"):
             out[name] = [_sft_record(p) for p in ps]
         elif name.startswith("ppo"):
             out[name] = [_ppo_record(p) for p in ps]

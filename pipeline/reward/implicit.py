@@ -11,7 +11,8 @@ trained on the same pairs, ranks them far better.
 The artifact (``runs/<run>/reward/artifact``) is then the trained causal LM and its tokenizer, the frozen reference
 in ``reference/``, and ``implicit_reward.json`` (``{"kind": "dpo", "beta": ...}``). :func:`load_implicit_reward`
 loads it as an :class:`ImplicitReward`, a :class:`~pipeline.reward.scorer.RewardScorer`. It cannot start a value
-model (there is no scalar head), so PPO against it uses ``ppo.advantage=group``.
+model (there is no scalar head): with ``ppo.advantage=gae`` PPO's value model starts from the policy with a new
+scalar head instead (``pipeline.rl.components.load_models``).
 """
 
 from __future__ import annotations

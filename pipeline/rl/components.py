@@ -47,11 +47,11 @@ def load_models(
     policy_from: str | Path, reward_from: str | Path, trust_remote_code: bool = False, critic: bool = True
 ) -> PPOModels:
     """Policy and frozen reference from the SFT model; the reward model as a scorer, and the value model (when
-    ``critic``) from the reward model's network. A scorer without a scalar head (DPO's implicit reward) cannot start
-    a value model.
+    ``critic``) from the reward model's network, or, for a scorer without a scalar head (DPO's implicit reward),
+    from the policy with a new scalar head.
 
     Raises:
-        StageError: a model does not load, has no chat tokenizer, cannot start the critic, or the reward model's
+        StageError: a model does not load, has no chat tokenizer, the critic does not load, or the reward model's
             vocabulary differs from the policy's (it would score other tokens than the policy wrote).
     """
     kw = {"trust_remote_code": trust_remote_code}
@@ -81,12 +81,17 @@ def load_models(
         )
     value = None
     if critic:
+        # The value model starts from the reward model's network (InstructGPT); a scorer without a scalar head
+        # (DPO's implicit reward) has none, so it starts from the policy with a new scalar head (OpenRLHF's
+        # critic can start from the SFT model too), which ppo.critic_warmup_steps then trains first.
+        value_from = reward_from if scorer.trains_critic else policy_from
         if not scorer.trains_critic:
-            raise StageError(
-                f"ppo: the reward model at {reward_from} ({scorer.kind}: reward.objective=dpo) has no scalar head to "
-                "start a value model from; set ppo.advantage=group (a baseline from several samples)"
-            )
-        value = AutoModelForSequenceClassification.from_pretrained(str(reward_from), num_labels=1, **kw)
+            log.info("ppo: the reward model (%s) has no scalar head: the value model starts from the policy "
+                     "(%s) with a new scalar head", scorer.kind, policy_from)  # fmt: skip
+        try:
+            value = AutoModelForSequenceClassification.from_pretrained(str(value_from), num_labels=1, **kw)
+        except (OSError, ValueError) as e:
+            raise StageError(f"ppo: cannot start the value model from {value_from}: {e}") from None
         if value.config.pad_token_id is None:
             value.config.pad_token_id = pad_id
     return PPOModels(policy, value, ref, scorer, tokenizer, stops, pad_id)
