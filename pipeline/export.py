@@ -4,7 +4,8 @@
 directory that plain ``transformers`` loads, 5.x and the last 4.x alike:
 
 - weights: safetensors, cast to ``export.dtype``, sharded above ``export.max_shard_size`` (with an index);
-- ``config.json`` (GPT-2 architecture) and ``generation_config.json``: ``eos_token_id`` = [``<|end|>``,
+- ``config.json`` (GPT-2 architecture, every key GPT-2's Hub configs have, ``n_ctx`` included, and
+  ``use_cache: true``) and ``generation_config.json``: ``eos_token_id`` = [``<|end|>``,
   ``<|endoftext|>``] so chat generation stops at the end of the turn, ``pad_token_id``, and the sampling
   settings the source stage used (PPO's rollout temperature/top-k/top-p and response length; greedy for SFT);
 - tokenizer files written so both majors read them: ``tokenizer_class: PreTrainedTokenizerFast`` (5.x writes
@@ -42,7 +43,7 @@ from .runs import StageDir, StageError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["ExportInfo", "load_source_model", "export_model"]
+__all__ = ["GPT2_HUB_CONFIG_KEYS", "ExportInfo", "load_source_model", "export_model"]
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,7 @@ def export_model(
     n_positions = int(getattr(model.config, "n_positions", 0) or model.config.max_position_embeddings)
     gen = _generation_config(cfg, tokenizer)
     model.generation_config = gen
+    _complete_config(model.config, n_positions)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,6 +189,27 @@ def export_model(
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
     return ExportInfo(out_dir, model.num_parameters(), files, cfg.export.dtype, n_positions, eos), model, tokenizer
+
+
+GPT2_HUB_CONFIG_KEYS = (
+    "activation_function", "architectures", "attn_pdrop", "bos_token_id", "embd_pdrop", "eos_token_id",
+    "initializer_range", "layer_norm_epsilon", "model_type", "n_ctx", "n_embd", "n_head", "n_layer", "n_positions",
+    "resid_pdrop", "summary_activation", "summary_first_dropout", "summary_proj_to_labels", "summary_type",
+    "summary_use_proj", "vocab_size",
+)  # fmt: skip
+"""The keys of the GPT-2 configs on the Hub (openai-community/gpt2 and its sizes, distilgpt2; less their
+``task_specific_params``, which would change what ``pipeline()`` generates). Tools written against those files read
+them: llama.cpp's ``convert_hf_to_gguf.py`` reads ``n_ctx``, which transformers itself no longer writes."""
+
+
+def _complete_config(config: Any, n_positions: int) -> None:
+    """Give ``config.json`` every key of GPT-2's Hub configs, and ``use_cache: true`` (training stages turn the KV
+    cache off; a user's ``generate`` should not be quadratically slow by default)."""
+    config.n_ctx = n_positions
+    config.use_cache = True
+    missing = [k for k in GPT2_HUB_CONFIG_KEYS if k not in config.to_dict()]
+    if missing:
+        raise StageError(f"export: the model config lacks GPT-2's keys {missing}; is it a GPT-2 model?")
 
 
 def _fsync_dir(root: Path) -> None:

@@ -101,7 +101,7 @@ def verify_export(
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         cmd = [
-            python,
+            os.path.abspath(python) if os.sep in python else python,  # the child runs in tmp: a relative path breaks
             "-I",
             str(Path(tmp) / "verify.py"),
             str(Path(export_dir).resolve()),

@@ -84,7 +84,9 @@ def stage_sections(cfg: RunConfig, stage: str) -> tuple:
         return (seed, cfg.ppo, cfg.data.tasks)
     if stage == "export":
         # where the export is written does not change what it is
-        return (cfg.export.source, cfg.export.dtype, cfg.export.max_shard_size, cfg.export.license)
+        base = (cfg.export.source, cfg.export.dtype, cfg.export.max_shard_size, cfg.export.license)
+        gguf = (cfg.export.formats, cfg.export.gguf_types) if "gguf" in cfg.export.formats else ()
+        return base + gguf  # the HF-only export keeps its fingerprint
     raise KeyError(stage)
 
 

@@ -62,6 +62,29 @@ def _stable_metrics(stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _llama_cpp_section(cfg: RunConfig) -> str:
+    """Usage of the GGUF files beside this folder, when the export writes them (``export.formats``)."""
+    if "gguf" not in cfg.export.formats:
+        return ""
+    names = [f"{cfg.run.name}-{t}.gguf" for t in cfg.export.gguf_types]
+    example = names[-1]
+    return f"""## Run it in llama.cpp
+
+GGUF files lie beside this folder: {", ".join(f"`{n}`" for n in names)} (f32: every tensor in float32;
+f16/q8_0: the 2-D weights in that type). They carry the tokenizer, its chat template and stop tokens, so
+llama.cpp's tools and llama-cpp-python use them as they are:
+
+```python
+from llama_cpp import Llama
+
+llm = Llama(model_path="{example}", n_ctx=0, type_k=0, type_v=0)  # f32 KV cache, as verified
+reply = llm.create_chat_completion([{{"role": "user", "content": "What is 12 + 7?"}}], temperature=0)
+print(reply["choices"][0]["message"]["content"])
+```
+
+"""
+
+
 def model_card(
     cfg: RunConfig, manifests: dict[str, dict[str, Any]], n_params: int, n_positions: int, generation: dict[str, Any]
 ) -> str:
@@ -135,7 +158,7 @@ print(chat([{{"role": "user", "content": "What is 12 + 7?"}}])[0]["generated_tex
 Turns are `<|role|>content<|end|>`; generation stops at `<|end|>`. Default generation settings (those the
 model was trained and evaluated with): `{json.dumps(gen)}`.
 
-## Data
+{_llama_cpp_section(cfg)}## Data
 
 {chr(10).join(f"- {d}" for d in _datasets(cfg))}
 

@@ -1,4 +1,5 @@
-"""Publishing the exported model as a copy outside the run folder (``export.dir``, ``EXPORT_DIR``).
+"""Publishing the exported model as a copy outside the run folder (``export.dir``, ``EXPORT_DIR``), with its GGUF
+files (``export.formats=[hf,gguf]``) beside the copy as they lie beside the artifact.
 
 Used by the export stage and by the orchestrator (an export already done is still copied where the current
 command asks). No torch: file operations only.
@@ -65,11 +66,12 @@ def check_export_dir(dest: str | Path, run_dir: str | Path) -> Path:
 
 
 def publish(artifact: Path, dest: Path, run_dir: Path) -> bool:
-    """Copy the export artifact of run ``run_dir`` to ``dest`` (``EXPORT_DIR``) unless an identical copy is there.
+    """Copy the export artifact of run ``run_dir`` to ``dest`` (``EXPORT_DIR``) unless an identical copy is there,
+    and the GGUF files beside the artifact (``<run>-<type>.gguf``) beside ``dest``.
 
     Returns:
-        True when files were copied. The copy goes to ``<dest>.tmp`` first; a different ``dest`` already there
-        is moved aside to ``<dest>.old-<time>``, never deleted.
+        True when files were copied. The copy goes to ``<dest>.tmp`` first; a different ``dest`` (or GGUF file)
+        already there is moved aside to ``<dest>.old-<time>``, never deleted.
 
     Raises:
         ConfigError: ``dest`` is or holds the run, a stage folder or the repository (see :func:`check_export_dir`).
@@ -77,6 +79,24 @@ def publish(artifact: Path, dest: Path, run_dir: Path) -> bool:
     artifact, dest = Path(artifact), check_export_dir(dest, run_dir)
     if dest.resolve() == artifact.resolve():
         return False
+    changed = _publish_dir(artifact, dest)
+    copied = [_publish_file(f, dest.parent / f.name) for f in sorted(artifact.parent.glob("*.gguf"))]
+    return changed or any(copied)
+
+
+def _publish_file(src: Path, dest: Path) -> bool:
+    if dest.is_file() and filecmp.cmp(src, dest, shallow=False):
+        return False
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    if dest.exists():
+        log.info("%s held something else: moved aside to %s", dest, StageDir(dest).move_aside())
+    os.replace(tmp, dest)
+    log.info("%s copied to %s", src.name, dest)
+    return True
+
+
+def _publish_dir(artifact: Path, dest: Path) -> bool:
     if dest.is_dir():
         cmp = filecmp.dircmp(artifact, dest)
         same = not (cmp.left_only or cmp.right_only or cmp.diff_files or cmp.funny_files)

@@ -1,16 +1,25 @@
-"""Export stage: the aligned model as a standard Hugging Face model directory, proven in a fresh process.
+"""Export stage: the aligned model as a standard Hugging Face model directory, proven in a fresh process, and
+with ``export.formats=[hf,gguf]`` as GGUF files for llama.cpp, proven in llama.cpp when it is importable.
 
     python -m stages.export --config configs/tiny.yaml [export.dtype=bfloat16 export.dir=/some/where]
+    python -m stages.export export.formats=[hf,gguf] export.gguf_verify_with=.venv-interop/bin/python
 
-Writes runs/<run>/export/artifact/ (and a copy in ``export.dir`` when set); see ``pipeline.export``.
+Writes runs/<run>/export/artifact/, runs/<run>/export/<run>-<type>.gguf (and copies beside ``export.dir`` when
+set); see ``pipeline.export``, ``pipeline.gguf_export`` and ``pipeline.gguf_verify``.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
+from pipeline.config import RunConfig
+from pipeline.data.tasks import generate_tasks
 from pipeline.export import export_model
 from pipeline.export_verify import verify_export
+from pipeline.gguf_export import probe_corpus, write_ggufs
+from pipeline.gguf_verify import llama_cpp_available, verify_gguf
 from pipeline.publish import check_export_dir, publish
 from pipeline.runs import STAGES, StageDir, StageError
 from pipeline.stage import StageContext, StageResult, run_stage
@@ -29,6 +38,7 @@ def _body(ctx: StageContext) -> StageResult:
         raise StageError(
             f"export: {info.dir} failed verification with {failed[0]['python']}: " + "; ".join(failed[0]["problems"])
         )
+    gguf = _gguf(cfg, ctx.dir.root, info.dir, model, tokenizer) if "gguf" in cfg.export.formats else None
     if cfg.export.dir:
         publish(info.dir, Path(cfg.export.dir), cfg.run_dir)
     metrics = {
@@ -40,7 +50,35 @@ def _body(ctx: StageContext) -> StageResult:
         "export": {"dir": str(info.dir), "copy": cfg.export.dir or None, "files": info.files, "dtype": info.dtype},
         "verification": [{k: c.get(k) for k in _REPORTED} for c in checks],
     }
+    if gguf is not None:
+        extra["gguf"] = gguf
     return StageResult(metrics=metrics, extra=extra)
+
+
+def _gguf(cfg: RunConfig, out_dir: Path, hf_dir: Path, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """GGUF files beside the HF directory, proven in llama.cpp when ``llama_cpp`` can be imported (else the
+    manifest says the checks were skipped, and why); files that fail the proof are removed."""
+    written = write_ggufs(hf_dir, out_dir, cfg.run.name, cfg.export.gguf_types, cfg.export.license)
+    out: dict[str, Any] = {
+        "files": {i.path.name: i.size_bytes for i in written.values()},
+        "pre_tokenizer": next(iter(written.values())).pre_tokenizer,
+    }
+    python = cfg.export.gguf_verify_with or sys.executable
+    if not llama_cpp_available(python):
+        out["verification"] = {
+            "skipped": f"{python} cannot import llama_cpp; `make test-interop` builds .venv-interop, with which "
+            "`make export FORMAT=gguf` proves the GGUF files in llama.cpp"
+        }
+        return out
+    records = generate_tasks(cfg.data.tasks).ppo_eval[: cfg.export.gguf_n_prompts]
+    files = {t: i.path for t, i in written.items()}
+    check = verify_gguf(files, model, tokenizer, probe_corpus(), records, python)
+    out["verification"] = check
+    if not check["ok"]:
+        for path in files.values():
+            path.unlink(missing_ok=True)
+        raise StageError("export: the GGUF files failed verification in llama.cpp: " + "; ".join(check["problems"]))
+    return out
 
 
 _REPORTED = ("ok", "python", "transformers", "model_class", "tokenizer_class", "model_max_length", "n_positions",

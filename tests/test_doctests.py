@@ -26,6 +26,7 @@ MODULES = [
     "pipeline.data.task_checks",
     "pipeline.rl.gae",
     "pipeline.rl.kl",
+    "pipeline.gguf_export",
 ]
 
 

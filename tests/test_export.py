@@ -13,6 +13,7 @@ import sys
 import types
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 import yaml
@@ -20,8 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.__main__ import main as cli
 from pipeline.config import ConfigError, load_config
-from pipeline.export import export_model
+from pipeline.export import GPT2_HUB_CONFIG_KEYS, export_model
 from pipeline.export_verify import verify_export
+from pipeline.gguf_export import write_ggufs
 from pipeline.orchestrate import RunOptions, run_pipeline
 from pipeline.publish import publish
 from pipeline.runs import STAGES, StageDir
@@ -43,9 +45,12 @@ def exported(tmp_path_factory) -> Path:
     """One fake run exported once (each export proves itself in a fresh process, which takes seconds)."""
     root = tmp_path_factory.mktemp("export")
     make_fake_run(root)
-    rc, _ = _export(root, "export.license=apache-2.0")
+    rc, _ = _export(root, *_FIXTURE_OVERRIDES)
     assert rc == 0
     return root
+
+
+_FIXTURE_OVERRIDES = ("export.license=apache-2.0", "export.formats=[hf,gguf]", "export.gguf_types=[f32,q8_0]")
 
 
 def test_export_is_a_complete_portable_hf_directory(exported):
@@ -58,8 +63,9 @@ def test_export_is_a_complete_portable_hf_directory(exported):
     config = json.loads((out / "config.json").read_text())
     gen = json.loads((out / "generation_config.json").read_text())
     tok_conf = json.loads((out / "tokenizer_config.json").read_text())
-    # the model's real limits and stop tokens
-    assert tok.model_max_length == config["n_positions"] == 64
+    # the model's real limits and stop tokens; every key GPT-2's Hub configs have (n_ctx: llama.cpp's converter)
+    assert tok.model_max_length == config["n_positions"] == config["n_ctx"] == 64
+    assert set(GPT2_HUB_CONFIG_KEYS) <= set(config) and config["use_cache"] is True
     assert gen["eos_token_id"] == [tok.convert_tokens_to_ids("<|end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
     assert gen["pad_token_id"] == tok.pad_token_id == tok.convert_tokens_to_ids("<|pad|>")
     assert (gen["do_sample"], gen["temperature"], gen["max_new_tokens"]) == (True, 1.0, 32)  # ppo's rollout settings
@@ -95,18 +101,49 @@ def test_model_card_metadata(exported):
 
 
 def test_export_is_deterministic(exported, tmp_path):
-    cfg = load_config(None, [f"run.root={exported}", "export.license=apache-2.0"])
+    cfg = load_config(None, [f"run.root={exported}", *_FIXTURE_OVERRIDES])
     manifests = {s: StageDir.of(cfg.run_dir, s).manifest() for s in ("tokenizer", "pretrain", "sft", "reward", "ppo")}
     export_model(cfg, tmp_path / "again", manifests)
     a = exported / "tiny/export/artifact"
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in (tmp_path / "again").iterdir())
     for f in sorted(a.iterdir()):
         assert f.read_bytes() == (tmp_path / "again" / f.name).read_bytes(), f.name
+    for t, info in write_ggufs(a, tmp_path, "tiny", cfg.export.gguf_types, cfg.export.license).items():
+        assert info.path.read_bytes() == (exported / f"tiny/export/tiny-{t}.gguf").read_bytes(), t
+
+
+def test_gguf_files_lie_beside_the_export_and_its_copy(exported, tmp_path):
+    sd = StageDir.of(exported / "tiny", "export")
+    names = ["tiny-f32.gguf", "tiny-q8_0.gguf"]
+    assert sorted(p.name for p in sd.root.glob("*.gguf")) == names  # beside artifact/
+    g = sd.manifest()["gguf"]
+    assert g["pre_tokenizer"] == "gpt-2" and sorted(g["files"]) == names
+    if "skipped" in g["verification"]:  # llama_cpp is not in the default venv: the manifest says so, and why
+        assert (
+            "cannot import llama_cpp" in g["verification"]["skipped"]
+            and "make test-interop" in g["verification"]["skipped"]
+        )
+    else:
+        assert g["verification"]["ok"], g["verification"]["problems"]
+    r = gguf.GGUFReader(sd.root / "tiny-q8_0.gguf")
+    assert r.fields["general.name"].contents() == "tiny" and r.fields["general.license"].contents() == "apache-2.0"
+    card = (sd.artifact / "README.md").read_text()
+    assert "## Run it in llama.cpp" in card and "tiny-q8_0.gguf" in card
+    # EXPORT_DIR: the copies lie beside the copied folder; a different file there is moved aside, not overwritten
+    dest = tmp_path / "pub" / "model"
+    assert publish(sd.artifact, dest, exported / "tiny")
+    assert sorted(p.name for p in dest.parent.glob("*.gguf")) == names
+    assert not publish(sd.artifact, dest, exported / "tiny")  # identical copies: nothing to do
+    (dest.parent / "tiny-f32.gguf").write_bytes(b"someone else's file")
+    assert publish(sd.artifact, dest, exported / "tiny")
+    assert (dest.parent / "tiny-f32.gguf").read_bytes() == (sd.root / "tiny-f32.gguf").read_bytes()
+    assert [p.read_bytes() for p in dest.parent.glob("tiny-f32.gguf.old-*")] == [b"someone else's file"]
 
 
 def test_verification_catches_a_different_model(exported):
     other = AutoModelForCausalLM.from_pretrained(exported / "tiny/sft/artifact")
-    res = verify_export(exported / "tiny/export/artifact", other)
+    # a relative interpreter path (as `make test-interop` passed .venv-hf4/bin/python) works: the child runs elsewhere
+    res = verify_export(exported / "tiny/export/artifact", other, python=os.path.relpath(sys.executable))
     assert not res["ok"] and "logits differ" in res["problems"][0] and res["max_abs_logit_diff"] > 1e-3
 
 
@@ -157,9 +194,10 @@ def test_full_disk_during_export_is_a_clear_error(small_disk, tmp_path, capsys):
     assert _export(small_disk)[0] == 0
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
-    not TF4_PYTHON.exists(), reason=f"needs a transformers 4.x venv at {TF4_PYTHON}: run `make test-interop`"
+    not TF4_PYTHON.exists(),
+    reason=f"interop check skipped: transformers 4.x loading the export needs the venv {TF4_PYTHON} "
+    "(`make test-interop` builds it and runs this check)",
 )
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_export_loads_in_transformers_4(tmp_path, dtype):

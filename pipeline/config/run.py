@@ -49,6 +49,28 @@ class ExportConfig:
     verify_with: tuple[str, ...] = ()
     """More Python interpreters to prove the export loads in (e.g. a venv with transformers 4.x); the
     current one always is. Where the export goes or who checks it does not change what it is (not fingerprinted)."""
+    formats: tuple[Literal["hf", "gguf"], ...] = ("hf",)
+    """What the export writes: ``hf``, the Hugging Face model directory (always), and ``gguf``: one GGUF file for
+    llama.cpp per ``gguf_types`` beside it (``runs/<run>/export/<run>-<type>.gguf``; ``make export FORMAT=gguf``)."""
+    gguf_types: tuple[Literal["f32", "f16", "q8_0"], ...] = ("f32", "f16", "q8_0")
+    """GGUF output types: f32 (every tensor), f16 or q8_0 (2-D weights; norms, biases, positions stay f32)."""
+    gguf_verify_with: str = ""
+    """A Python interpreter with llama-cpp-python (``make test-interop`` builds .venv-interop) that proves the GGUF
+    files; empty: this interpreter when it can import llama_cpp, else the llama.cpp checks are skipped and the
+    manifest says why. Who checks the export does not change it (not fingerprinted)."""
+    gguf_n_prompts: int = 200
+    """Held-out task prompts (``ppo`` eval set) run greedily in llama.cpp and transformers by the GGUF checks."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if "hf" not in self.formats:
+            problems.append(f"export.formats={list(self.formats)} must include hf (the GGUF is made from it)")
+        if "gguf" in self.formats and not self.gguf_types:
+            problems.append("export.gguf_types is empty while export.formats includes gguf")
+        if self.gguf_n_prompts < 1:
+            problems.append(f"export.gguf_n_prompts must be >= 1, got {self.gguf_n_prompts}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
