@@ -94,10 +94,10 @@ def test_fingerprints_follow_lineage():
 TINY_FINGERPRINTS = {
     "tokenizer": "44afcc818b816693",
     "pretrain": "42540cbbd2fb6f57",
-    "sft": "b62cb6414bf31359",
-    "reward": "ca55c3c970ab6d43",
-    "ppo": "8c22fd0d5b89769f",
-    "export": "5e0f0d7688f0a3b9",
+    "sft": "55b486481d70c973",
+    "reward": "80a1666f05a1d893",
+    "ppo": "a97d05a6067cdaf7",
+    "export": "f022ca13ea986b26",
 }
 """configs/tiny.yaml's stage fingerprints: a change here means every finished tiny run is stale."""
 

@@ -186,7 +186,9 @@ def test_dev_and_test_splits_share_no_item_with_each_other_or_training():
     dev = generate_tasks(dataclasses.replace(SAY, eval_split="dev"))
     test = generate_tasks(SAY)
     assert dev.sft_train == test.sft_train and dev.ppo_train == test.ppo_train  # training sets do not move
-    items = {name: {_item(r) for r in getattr(s, f)} for name, s in (("dev", dev), ("test", test)) for f in ("sft_eval",)}
+    items = {
+        name: {_item(r) for r in getattr(s, f)} for name, s in (("dev", dev), ("test", test)) for f in ("sft_eval",)
+    }
     train = {_item(r) for r in test.sft_train + test.reward_train + test.ppo_train}
     assert items["dev"] and items["test"] and not items["dev"] & items["test"]
     assert not (items["dev"] | items["test"]) & train
