@@ -106,7 +106,9 @@ class _Family:
 
 FAMILIES: dict[str, _Family] = {
     # Numbers are single digits in a Shakespeare BPE, so the model sees every digit of the operands.
-    "add": _Family(("What is {a} + {b}?", "Add {a} and {b}.", "{a} + {b} ="), "pairs", lambda it, t: str(it[0] + it[1])),
+    "add": _Family(
+        ("What is {a} + {b}?", "Add {a} and {b}.", "{a} + {b} ="), "pairs", lambda it, t: str(it[0] + it[1])
+    ),
     # The word is one to three BPE pieces: spelling it needs what each piece is made of.
     "spell": _Family(
         ("Spell the word {w}.", "Spell {w} letter by letter.", "How do you spell {w}?"),
@@ -321,7 +323,10 @@ def _allocate(cfg: TasksConfig) -> dict[str, list[_Prompt]]:
 
 def _sft_record(p: _Prompt, demo: str | None = None) -> dict[str, Any]:
     """A chat record whose assistant turn is ``demo`` (default: the answer); ``answer`` is always the answer."""
-    messages = [{"role": "user", "content": p.text}, {"role": "assistant", "content": p.answer if demo is None else demo}]
+    messages = [
+        {"role": "user", "content": p.text},
+        {"role": "assistant", "content": p.answer if demo is None else demo},
+    ]
     return {"messages": messages, "task": p.kind, "answer": p.answer, "id": p.id}
 
 
