@@ -22,7 +22,7 @@ from pipeline.reward.implicit import ImplicitReward, load_implicit_reward, save_
 from pipeline.reward.losses import chosen_nll, dpo_loss
 from pipeline.reward.on_policy import on_policy_groups
 from pipeline.reward.scorer import encode_prompt_response
-from pipeline.runs import StageDir, StageError
+from pipeline.runs import StageDir
 from tests.helpers_artifacts import make_tiny_lm, make_tokenizer
 
 
@@ -243,7 +243,7 @@ def test_reward_stage_nll_term_raises_the_chosen_responses_reward(tmp_path):
     assert mean_best["1.0"] > mean_best["0"]  # ... and raises the held-out best responses' implicit reward
 
 
-def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantages(tmp_path, capsys):
+def test_ppo_stage_scores_with_an_implicit_reward_model_with_group_or_gae_advantages(tmp_path, capsys):
     from stages.ppo import main
     from tests.test_ppo import stage_setup
 
@@ -282,10 +282,21 @@ def test_ppo_stage_scores_with_an_implicit_reward_model_and_needs_group_advantag
     gae_art = StageDir.of(load_config(None, gae_args).run_dir, "reward").artifact
     shutil.rmtree(gae_art)
     shutil.copytree(art, gae_art)
-    with pytest.raises(StageError, match="implicit.*ppo.advantage=group"):
-        from pipeline.rl.components import load_models
+    # GAE against an implicit reward: the value model starts from the policy (the SFT model) with a new scalar head
+    from pipeline.rl.components import load_models
 
-        load_models(StageDir.of(load_config(None, gae_args).run_dir, "sft").artifact, gae_art, critic=True)
+    sft_gae = StageDir.of(load_config(None, gae_args).run_dir, "sft").artifact
+    models = load_models(sft_gae, gae_art, critic=True)
+    assert models.value_model is not None and models.scorer.kind == "implicit"
+    policy_sd = AutoModelForCausalLM.from_pretrained(sft_gae).state_dict()
+    value_sd = models.value_model.state_dict()
+    backbone = [k for k in value_sd if k.startswith("transformer.")]
+    assert backbone and all(torch.equal(value_sd[k], policy_sd[k]) for k in backbone)
+    assert value_sd["score.weight"].shape[0] == 1
+    assert main(gae_args) == 0  # the whole stage runs: DPO's implicit reward, GAE with that critic
+    m = json.loads(StageDir.of(load_config(None, gae_args).run_dir, "ppo").manifest_path.read_text())["metrics"]
+    assert all(torch.isfinite(torch.tensor(m[k])) for k in ("reward_mean", "kl", "train_reward"))
+    assert "dpo_policy_checker_accuracy" in m
 
 
 @pytest.mark.slow

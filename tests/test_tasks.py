@@ -143,8 +143,8 @@ def test_say_demonstrations_follow_the_prompt_at_the_configured_rate():
         lazy = [r for r in asked if r["messages"][1]["content"] == _item(r)]
         assert len(followed) + len(lazy) == len(asked) > 1000
         assert abs(len(followed) / len(asked) - rate) < 0.04, (rate, len(followed) / len(asked))
-        # the bare-word prompts' demonstrations are right either way, and held-out records always are
-        assert all(r["messages"][1]["content"] == r["answer"] for r in s.sft_train if r["answer"] == _item(r))
+        # every form decorates the word, so every prompt can get a careless demonstration; held-out records never do
+        assert len(asked) == len(s.sft_train)
         assert all(r["messages"][1]["content"] == r["answer"] for r in s.sft_eval)
     # the rate changes the demonstrations only: same prompts, same answers, same other sets
     a, b = generate_tasks(SAY), generate_tasks(dataclasses.replace(SAY, sft_follow_rate=0.35))

@@ -102,16 +102,17 @@ def score_answer(record: dict[str, Any], response: str) -> float:
 
 
 SAY_FORMS: tuple[tuple[tuple[str, ...], str], ...] = (
-    (('Say "{w}".', 'Write "{w}" and nothing else.'), "{w}"),
     (('Say "{w}" in quotes.', 'Write "{w}" in double quotes.'), '"{w}"'),
     (('Shout "{w}"!', 'Say "{w}" with an exclamation mark.'), "{w}!"),
     (('Say "{w}" in parentheses.', 'Write "{w}" in round brackets.'), "({w})"),
     (('Ask "{w}" as a question.', 'Say "{w}" with a question mark.'), "{w}?"),
 )
-"""The ``say`` task's forms: (prompt phrasings, answer pattern). The first is the bare word, the answer a
-careless demonstrator gives to every form. The prompt quotes the word so that it is the same BPE tokens as in
-every answer (a word after a space is other tokens than the word after a quote, and copying across that
-mapping does not generalise to held-out words at this model size: measured, data_cards/generated-tasks-sft.md)."""
+"""The ``say`` task's forms: (prompt phrasings, answer pattern). Every form decorates the word; the bare word, the
+answer careless demonstrators give whatever was asked, is never right. The prompt quotes the word so that it is
+the same BPE tokens as in every answer (a word after a space is other tokens than the word after a quote, and
+copying across that mapping does not generalise to held-out words at this model size: measured,
+data_cards/generated-tasks-sft.md). A bare-word form was dropped (v3): the reward model could not tell the right
+bare word from a misspelled one (right-vs-wrong AUC 0.64 on those prompts), while it tells forms apart at 0.94-0.95."""
 
 _WORDS = re.compile(r"[a-z]+")
 

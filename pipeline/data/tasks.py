@@ -81,8 +81,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 """Part of every record id; bump on any change in the generated output."""
+
+_STREAM_VERSION = "2"
+"""Seeds the random streams (the held-out split, demonstrations, candidates) and the sets' order. It stays when a
+version changes the generated records, so that the held-out split stays as it was (v3 dropped the ``say`` task's
+bare-word form; its held-out words are v2's)."""
 
 
 # ----------------------------------------------------------------------------- families
@@ -197,10 +202,11 @@ class _Prompt:
 
     @property
     def id(self) -> str:
+        return self.versioned_id(GENERATOR_VERSION)
+
+    def versioned_id(self, version: str) -> str:
         key = "+".join(map(str, self.item))
-        return f"tasks-v{GENERATOR_VERSION}-{self.kind}-{key}-p{self.template}" + (
-            f"-c{self.cycle}" if self.cycle else ""
-        )
+        return f"tasks-v{version}-{self.kind}-{key}-p{self.template}" + (f"-c{self.cycle}" if self.cycle else "")
 
 
 @dataclass
@@ -220,7 +226,7 @@ class TaskSets:
 
 def _rng(cfg: TasksConfig, purpose: str) -> random.Random:
     # str seeds hash with SHA-512 inside `random`: stable across processes and PYTHONHASHSEED.
-    return random.Random(f"tasks-v{GENERATOR_VERSION}:{cfg.seed}:{purpose}")
+    return random.Random(f"tasks-v{_STREAM_VERSION}:{cfg.seed}:{purpose}")
 
 
 def _split_items(cfg: TasksConfig) -> dict[str, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
@@ -282,7 +288,7 @@ def _take(pool: list[_Prompt], start: int, n: int, what: str) -> list[_Prompt]:
 def _ordered(prompts: list[_Prompt], cfg: TasksConfig, group: str) -> list[_Prompt]:
     # A hash order, not a shuffle: sets of one group (sft_eval, ppo_eval) list shared prompts in one order.
     def key(p: _Prompt) -> str:
-        return hashlib.sha256(f"{cfg.seed}:{group}:{p.id}".encode()).hexdigest()
+        return hashlib.sha256(f"{cfg.seed}:{group}:{p.versioned_id(_STREAM_VERSION)}".encode()).hexdigest()
 
     return sorted(prompts, key=key)
 
