@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DatasetSpec, RunConfig, fingerprint
+from .data.tasks import GENERATOR_VERSION
 from .provenance import ContentHashes
 
 __all__ = [
@@ -76,12 +77,13 @@ def stage_sections(cfg: RunConfig, stage: str) -> tuple:
         return (seed, cfg.tokenizer, cfg.data.corpus)
     if stage == "pretrain":
         return (seed, cfg.model, cfg.pretrain, cfg.data.corpus)
+    # the generated tasks are made by code: their version (bumped on any change in generated output) counts too
     if stage == "sft":
-        return (seed, cfg.sft, cfg.data.tasks)
+        return (seed, cfg.sft, cfg.data.tasks, GENERATOR_VERSION)
     if stage == "reward":
-        return (seed, cfg.reward, cfg.data.tasks)
+        return (seed, cfg.reward, cfg.data.tasks, GENERATOR_VERSION)
     if stage == "ppo":
-        return (seed, cfg.ppo, cfg.data.tasks)
+        return (seed, cfg.ppo, cfg.data.tasks, GENERATOR_VERSION)
     if stage == "export":
         # where the export is written does not change what it is
         base = (cfg.export.source, cfg.export.dtype, cfg.export.max_shard_size, cfg.export.license)

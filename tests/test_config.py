@@ -94,10 +94,10 @@ def test_fingerprints_follow_lineage():
 TINY_FINGERPRINTS = {
     "tokenizer": "44afcc818b816693",
     "pretrain": "42540cbbd2fb6f57",
-    "sft": "55b486481d70c973",
-    "reward": "80a1666f05a1d893",
-    "ppo": "a97d05a6067cdaf7",
-    "export": "f022ca13ea986b26",
+    "sft": "7c8c9ea46c6f2d8d",
+    "reward": "4f053b3e58783550",
+    "ppo": "566026bdabd0c713",
+    "export": "1d6efdd23b81605b",
 }
 """configs/tiny.yaml's stage fingerprints: a change here means every finished tiny run is stale."""
 
