@@ -193,3 +193,15 @@ def test_a_bad_override_is_blamed_on_the_command_line_not_the_file(tmp_path):
         load_config(p, ["pretrain.max_steps=9"])
     # the file's bad value, fixed on the command line, is no error
     assert load_config(p, ["pretrain.lr=0.01"]).pretrain.lr == pytest.approx(0.01)
+
+
+def test_a_task_generator_change_makes_the_stages_that_use_its_data_stale(monkeypatch):
+    """The generated tasks are made by code, not config: their version is in the fingerprints of the stages that
+    read them (a v2 -> v3 change once left seed runs 'done' on the old data)."""
+    from pipeline import lineage
+
+    cfg = load_config(CONFIG_DIR / "tiny.yaml")
+    before = all_fingerprints(cfg)
+    monkeypatch.setattr(lineage, "GENERATOR_VERSION", "999")
+    after = all_fingerprints(cfg)
+    assert {s for s in before if before[s] != after[s]} == {"sft", "reward", "ppo", "export"}
