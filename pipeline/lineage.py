@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DatasetSpec, RunConfig, fingerprint
+from .data.corpus.files import glob_files
 from .data.tasks import GENERATOR_VERSION
 from .provenance import ContentHashes
 
@@ -134,9 +135,7 @@ def _user_files(cfg: RunConfig, stage: str) -> list[tuple[str, str, str]]:
 
 def _corpus_files(pattern: str) -> list[str]:
     """The files a ``data.corpus.paths`` entry names, as ``pipeline.data.corpus.files`` resolves them."""
-    if glob.has_magic(pattern):
-        return sorted(m for m in glob.glob(str(Path(pattern).expanduser()), recursive=True) if Path(m).is_file())
-    return [pattern]
+    return sorted(glob_files(pattern)) if glob.has_magic(pattern) else [pattern]
 
 
 def _file_hash(hashes: ContentHashes, path: str) -> str:

@@ -9,10 +9,9 @@ malformed response has the wrong form (empty, rambling, repeated, unspaced, anot
 from __future__ import annotations
 
 import random
-import re
 from typing import Any
 
-from pipeline.data.task_checks import SAY_FORMS, answer_format, score_answer, spaced
+from pipeline.data.task_checks import SAY_FORMS, answer_format, say_word, score_answer, spaced
 
 __all__ = ["ranked_candidates", "to_pairs"]
 
@@ -53,15 +52,13 @@ def _near_misses(kind: str, answer: str, rng: random.Random) -> list[str]:
 def _say_near_misses(answer: str, rng: random.Random) -> list[str]:
     """The word in the other forms (the bare word first, what careless demonstrations give), then the asked
     form with one letter of the word replaced."""
-    word = re.findall(r"[a-z]+", answer)[-1]
+    word = say_word(answer)
     others = [form.format(w=word) for _, form in SAY_FORMS]
     others = [o for o in others if o != answer]
     rng.shuffle(others)
     i = rng.randrange(len(word))
     typo = word[:i] + rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != word[i]]) + word[i + 1 :]
-    bare = word if word != answer else None
-    out = ([bare] if bare else []) + [o for o in others if o != bare] + [answer.replace(word, typo)]
-    return out
+    return [word, *others, answer.replace(word, typo)]  # every form decorates the word: the bare word is wrong
 
 
 def _malformed(answer: str, rng: random.Random, words: tuple[str, ...]) -> list[str]:

@@ -13,7 +13,16 @@ from collections.abc import Iterable
 from difflib import SequenceMatcher
 from typing import Any
 
-__all__ = ["SAY_FORMS", "spaced", "answer_format", "has_checker", "check_answer", "score_answer", "response_class"]
+__all__ = [
+    "SAY_FORMS",
+    "say_word",
+    "spaced",
+    "answer_format",
+    "has_checker",
+    "check_answer",
+    "score_answer",
+    "response_class",
+]
 
 _NUMBER = re.compile(r"[+-]?\d+")
 _LETTERS = re.compile(r"[a-z]( [a-z])*")
@@ -117,6 +126,15 @@ bare word from a misspelled one (right-vs-wrong AUC 0.64 on those prompts), whil
 _WORDS = re.compile(r"[a-z]+")
 
 
+def say_word(answer: str) -> str:
+    """The word of a ``say`` answer: the one lowercase word of every form.
+
+    >>> say_word("(king)"), say_word('"king"')
+    ('king', 'king')
+    """
+    return _WORDS.findall(answer)[-1]
+
+
 def _score_say(record: dict[str, Any], response: str) -> float:
     """The ``say`` task is about form, so only surrounding whitespace is forgiven: quotes, ``!``, case and
     repeats are what the prompt asks for. Right: the answer exactly. Near miss: the word itself appears (a
@@ -125,7 +143,7 @@ def _score_say(record: dict[str, Any], response: str) -> float:
     want, got = " ".join(str(record["answer"]).split()), " ".join(str(response).split())
     if got == want:
         return 1.0
-    word = _WORDS.findall(want)[-1]  # the one lowercase word of every form
+    word = say_word(want)
     similarity = SequenceMatcher(None, got, want, autojunk=False).ratio()
     if word in _WORDS.findall(got):
         return _WRONG_BASE + _WRONG_SPAN * similarity

@@ -141,7 +141,7 @@ FAMILIES: dict[str, _Family] = {
     # The word in the form the prompt asks for: copying the word is easy, the form is what demonstrations
     # get wrong (data.tasks.sft_follow_rate), and a judge sees the form at a glance.
     "say": _Family(
-        tuple(t for form in SAY_FORMS for t in form[0]),
+        tuple(t for t, _ in _SAY_TEMPLATE_FORMS),
         "words",
         lambda it, t: _SAY_TEMPLATE_FORMS[t][1].format(w=it[0]),
         lazy=lambda it: it[0],

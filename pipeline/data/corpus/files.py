@@ -16,9 +16,14 @@ from typing import Any
 from ...config import CorpusConfig
 from .base import CorpusError, CorpusStats, clean_str, decode_counting
 
-__all__ = ["file_documents", "hub_documents"]
+__all__ = ["file_documents", "hub_documents", "glob_files"]
 
 log = logging.getLogger(__name__)
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The files (not folders) a ``data.corpus.paths`` glob matches, ``~`` expanded, ``**`` recursive; unsorted."""
+    return [m for m in glob.glob(str(Path(pattern).expanduser()), recursive=True) if Path(m).is_file()]
 
 
 def _resolve_paths(cfg: CorpusConfig) -> list[Path]:
@@ -28,7 +33,7 @@ def _resolve_paths(cfg: CorpusConfig) -> list[Path]:
     for pattern in cfg.paths:
         p = Path(pattern).expanduser()
         if glob.has_magic(pattern):
-            matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+            matches = sorted(Path(m) for m in glob_files(pattern))
             if not matches:
                 raise CorpusError(f"data.corpus.paths: no file matches {pattern!r}")
             out.extend(matches)
