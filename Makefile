@@ -70,8 +70,8 @@ test-slow: $(STAMP)
 # and the llama.cpp sources of that sdist convert the HF directory with their own convert_hf_to_gguf.py.
 test-interop: $(STAMP) $(HF4_VENV)/.installed $(INTEROP_VENV)/.installed
 	HF4_PYTHON=$(abspath $(HF4_VENV)/bin/python) LLAMA_CPP_PYTHON=$(abspath $(INTEROP_VENV)/bin/python) \
-	LLAMA_CPP_SRC=$(abspath $(LLAMA_CPP_SRC)) \
-	$(PY) -m pytest -q -rs tests/test_export.py tests/test_gguf_interop.py -k "transformers_4 or llama_cpp"
+	LLAMA_CPP_SRC=$(abspath $(LLAMA_CPP_SRC)) INTEROP_CONFIG=$(CONFIG) INTEROP_ARGS="$(ARGS)" \
+	$(PY) -m pytest -q -rs -s tests/test_export.py tests/test_gguf_interop.py -k "transformers_4 or llama_cpp"
 
 # The venvs alone (no tests): make interop-env
 interop-env: $(HF4_VENV)/.installed $(INTEROP_VENV)/.installed

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .config import RunConfig
+from .model_source import check_model_source
 from .runs import StageDir, StageError
 
 __all__ = ["ChatSettings", "resolve_model_dir", "chat_loop", "reply"]
@@ -40,9 +41,11 @@ def resolve_model_dir(cfg: RunConfig, stage: str | None = None, model: str | Non
     """The model to chat with: ``model`` when given, else ``stage``'s artifact, else the newest done stage's.
 
     Raises:
-        StageError: the stage is not done, or no stage is.
+        StageError: the stage is not done, or no stage is; ``model`` is no model folder nor a reachable Hub model
+            (:func:`~pipeline.model_source.check_model_source`).
     """
     if model:
+        check_model_source("--model", model)
         return Path(model)
     if stage is not None:
         if stage not in CHAT_STAGES:
@@ -118,10 +121,13 @@ def chat_loop(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if not tokenizer.chat_template:
-        raise StageError(f"chat: the tokenizer in {model_dir} has no chat template")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if not tokenizer.chat_template:
+            raise StageError(f"chat: the tokenizer in {model_dir} has no chat template")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    except (OSError, ValueError) as e:  # files that are there but do not load (a truncated or foreign model)
+        raise StageError(f"chat: cannot load the model in {model_dir}: {e}") from None
     if torch.cuda.is_available():
         model = model.cuda()
     base = [{"role": "system", "content": settings.system}] if settings.system else []

@@ -19,7 +19,9 @@ directory that plain ``transformers`` loads, 5.x and the last 4.x alike:
 ZeRO-3: the training stages save consolidated weights (``accelerator.get_state_dict`` gathers the shards), so the
 source artifact is normally a plain HF directory. If it holds a DeepSpeed ZeRO checkpoint instead (a ``latest``
 file and ``global_step*/`` shards, no weight file), it is consolidated to fp32 with DeepSpeed's
-``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` before the dtype cast.
+``zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`` before the dtype cast. That reader unpickles the shards
+(``torch.load(weights_only=False)``), so it is refused unless ``run.allow_pickle_checkpoints=true``, as a resume
+under DeepSpeed is (``pipeline.checkpoint``).
 
 Its card comes from ``pipeline.model_card``, its proof from ``pipeline.export_verify`` (a fresh process that
 loads it without this project and compares logits).
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .checkpoint import ALLOW_PICKLE_KEY
 from .config import RunConfig
 from .filecheck import check_file
 from .model_card import model_card
@@ -66,11 +69,17 @@ class ExportInfo:
 # ----------------------------------------------------------------------------- loading the source
 
 
-def load_source_model(src: Path) -> PreTrainedModel:
+def load_source_model(src: Path, allow_pickle: bool = False) -> PreTrainedModel:
     """Load a causal LM artifact in float32, consolidating a DeepSpeed ZeRO checkpoint when that is what it holds.
 
+    Args:
+        src: the model folder (a stage's artifact).
+        allow_pickle: ``run.allow_pickle_checkpoints``: whether a raw ZeRO checkpoint may be read (DeepSpeed's
+            ``zero_to_fp32`` unpickles its files); weight files are read safely either way.
+
     Raises:
-        StageError: missing folder or config, a truncated/corrupt weight file (named), or unloadable weights.
+        StageError: missing folder or config, a truncated/corrupt weight file (named), unloadable weights, or a
+            raw ZeRO checkpoint without ``allow_pickle`` (before anything of it is read).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -89,6 +98,13 @@ def load_source_model(src: Path) -> PreTrainedModel:
     zero_dir = _zero_checkpoint_dir(src)
     if zero_dir is None:
         raise StageError(f"export: {src} has a config.json but no weights (*.safetensors) nor a DeepSpeed checkpoint")
+    if not allow_pickle:
+        raise StageError(
+            f"export: {src} holds no weight file, only a DeepSpeed ZeRO checkpoint in {zero_dir}, whose reader "
+            f"(zero_to_fp32) unpickles its files (torch.load with weights_only=False: a tampered checkpoint can run "
+            f"code). Nothing was loaded. If you trust that folder, run the same command again with "
+            f'{ALLOW_PICKLE_KEY}=true (make ... ARGS="{ALLOW_PICKLE_KEY}=true").'
+        )
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     log.info("consolidating the DeepSpeed ZeRO checkpoint in %s to fp32", zero_dir)
@@ -158,7 +174,7 @@ def export_model(
     import torch
 
     src = StageDir.of(cfg.run_dir, cfg.export.source).artifact
-    model = load_source_model(src)
+    model = load_source_model(src, allow_pickle=cfg.run.allow_pickle_checkpoints)
     tokenizer = _load_tokenizer(src, cfg)
     model = model.to(getattr(torch, _DTYPES[cfg.export.dtype]))
     n_positions = int(getattr(model.config, "n_positions", 0) or model.config.max_position_embeddings)

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .publish import gguf_file_name
 from .runs import StageError
 
 __all__ = [
@@ -91,11 +92,6 @@ class GGUFInfo:
     size_bytes: int
     tensor_types: dict[str, str]
     """Tensor name -> GGML type name (F32, F16, Q8_0)."""
-
-
-def gguf_file_name(name: str, out_type: str) -> str:
-    """``<name>-<type>.gguf``, e.g. ``tiny-q8_0.gguf``."""
-    return f"{name}-{out_type}.gguf"
 
 
 # ----------------------------------------------------------------------------- the pre-tokenizer

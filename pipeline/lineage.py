@@ -76,8 +76,8 @@ def stage_sections(cfg: RunConfig, stage: str) -> tuple:
     seed = cfg.run.seed
     if stage == "tokenizer":
         return (seed, cfg.tokenizer, cfg.data.corpus)
-    if stage == "pretrain":
-        return (seed, cfg.model, cfg.pretrain, cfg.data.corpus)
+    if stage == "pretrain":  # the optimizer keys count only when they change something (fingerprint_fields)
+        return (seed, cfg.model, cfg.pretrain.fingerprint_fields(), cfg.data.corpus)
     # the generated tasks are made by code: their version (bumped on any change in generated output) counts too
     if stage == "sft":
         return (seed, cfg.sft, cfg.data.tasks, GENERATOR_VERSION)
@@ -86,10 +86,10 @@ def stage_sections(cfg: RunConfig, stage: str) -> tuple:
     if stage == "ppo":
         return (seed, cfg.ppo, cfg.data.tasks, GENERATOR_VERSION)
     if stage == "export":
-        # where the export is written does not change what it is
-        base = (cfg.export.source, cfg.export.dtype, cfg.export.max_shard_size, cfg.export.license)
-        gguf = (cfg.export.formats, cfg.export.gguf_types) if "gguf" in cfg.export.formats else ()
-        return base + gguf  # the HF-only export keeps its fingerprint
+        # where the export is written, and which files are derived from it beside it (export.formats: the GGUF
+        # files), do not change what it is: `make export FORMAT=gguf` after `make all` adds the GGUF files to the
+        # done export (stages/export.py) instead of calling it stale
+        return (cfg.export.source, cfg.export.dtype, cfg.export.max_shard_size, cfg.export.license)
     raise KeyError(stage)
 
 

@@ -19,7 +19,8 @@ another process works on the stage.
 Training stages run under ``accelerate launch`` with ``configs/accelerate/<launch>.yaml``; ``launch="cpu"``
 and the tokenizer/export stages run as plain ``python -m stages.<stage>`` (fast start-up). A stage's state and
 why it is stale come from ``pipeline.status``; a partial stage's checkpoint is checked (``pipeline.filecheck``)
-before it resumes.
+before it resumes, and under ``launch=zero2|zero3`` its resume is refused before launching unless
+``run.allow_pickle_checkpoints=true`` (DeepSpeed's checkpoint loader unpickles: ``pipeline.checkpoint``).
 
 This module imports no torch: deciding that everything is done takes well under a second.
 """
@@ -37,10 +38,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import pickle_resume_error
 from .config import ConfigError, RunConfig, load_config
-from .filecheck import check_checkpoint
 from .lineage import all_fingerprints, stage_inputs
-from .publish import check_export_dir, publish
+from .publish import check_export_dir, missing_gguf, publish
 from .runs import KEY_METRICS, STAGES, StageDir, StageError, StageLocked
 from .status import StageStatus, format_value, run_status, stage_status
 
@@ -59,6 +60,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 LAUNCHES = ("cpu", "ddp", "zero2", "zero3")
+_DEEPSPEED = ("zero2", "zero3")
+"""Launches whose stage processes run DeepSpeed (its checkpoint loader unpickles: ``pipeline.checkpoint``)."""
 _SINGLE_PROCESS = ("tokenizer", "export")
 """Stages that never need a distributed launcher."""
 
@@ -144,23 +147,25 @@ def _stale_error(st: StageStatus) -> StageError:
     )
 
 
-def _check_resumable(cfg: RunConfig, st: StageStatus, force: bool) -> None:
-    """Refuse to resume from a corrupt latest checkpoint; with ``force``, move the stage folder aside instead."""
-    sd = StageDir.of(cfg.run_dir, st.stage)
-    ckpt = sd.latest_checkpoint()
-    problems = check_checkpoint(ckpt) if st.state == "partial" and ckpt is not None else []
-    if not problems:
+def _check_resumable(cfg: RunConfig, st: StageStatus, opts: RunOptions) -> None:
+    """Refuse to resume from a corrupt latest checkpoint (with ``opts.force``, move the stage folder aside instead),
+    and refuse a resume the launch would hand to DeepSpeed's unpickling loader unless
+    ``run.allow_pickle_checkpoints`` (``pipeline.checkpoint.pickle_resume_error``: the stage process says the same,
+    on every rank, when launched by hand)."""
+    if st.state != "partial":
         return
-    if force:
-        log.info("%-9s corrupt checkpoint %s: stage folder moved aside to %s", st.stage, ckpt, sd.move_aside())
+    sd = StageDir.of(cfg.run_dir, st.stage)
+    err = sd.corrupt_resume_error()
+    if err is not None:
+        if not opts.force:
+            raise err
+        log.info("%-9s corrupt checkpoint: stage folder moved aside to %s", st.stage, sd.move_aside())
         st.state, st.step = "missing", None
         return
-    raise StageError(
-        f"stage '{st.stage}' would resume from {ckpt}, which is corrupt:\n  - "
-        + "\n  - ".join(problems[:5])
-        + f"\nNothing was changed. Move it aside (mv {ckpt} {ckpt}.corrupt) to resume from the checkpoint "
-        f"before it, or use FORCE=1 to start the stage again (the old folder is moved aside, not deleted)."
-    )
+    deepspeed = opts.launch in _DEEPSPEED and st.stage not in _SINGLE_PROCESS
+    err = pickle_resume_error(sd, cfg.run.allow_pickle_checkpoints, deepspeed)
+    if err is not None:
+        raise err
 
 
 def run_pipeline(target: str, opts: RunOptions) -> int:
@@ -171,9 +176,9 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
 
     Raises:
         ConfigError: bad config, override or launch option.
-        StageError: a stale stage (without force), a broken done stage, a corrupt manifest or checkpoint, a stage that
-            exited 0 without writing its manifest, or a failed stage (then ``returncode`` holds its exit code,
-            128+N when signal N stopped it).
+        StageError: a stale stage (without force), a broken done stage, a corrupt manifest or checkpoint, a resume
+            under DeepSpeed without ``run.allow_pickle_checkpoints``, a stage that exited 0 without writing its
+            manifest, or a failed stage (then ``returncode`` holds its exit code, 128+N when signal N stopped it).
     """
     cfg = load_config(opts.config_path, opts.overrides)
     fps = all_fingerprints(cfg)
@@ -182,9 +187,12 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
     t_start = time.time()
     for stage in plan(cfg, target):
         st = stage_status(cfg, stage, fps)
-        if st.state == "done":
+        lacking = missing_gguf(cfg) if stage == "export" and st.state == "done" else []
+        if st.state == "done" and not lacking:
             log.info("%-9s done, skipped (%s)", stage, st.path / "manifest.json")
             continue
+        if lacking:  # `make export FORMAT=gguf` after `make all`: the stage adds them to the done export
+            log.info("%-9s done; adding the GGUF files it lacks (%s)", stage, ", ".join(lacking))
         if st.holder is not None:  # the stage process would be refused too; say so before launching it
             raise StageLocked(st.path, st.holder)
         if st.state in ("broken", "corrupt"):
@@ -196,7 +204,7 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
             log.info("%-9s %s, moved aside to %s", stage, st.state, StageDir.of(cfg.run_dir, stage).move_aside())
         if st.state == "stale" and not opts.force:
             raise _stale_error(st)
-        _check_resumable(cfg, st, opts.force)
+        _check_resumable(cfg, st, opts)
         cmd = stage_command(stage, opts, force=st.state == "stale")
         what = {
             "partial": f"resuming at step {st.step}"
@@ -211,6 +219,8 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
             rc = 128 - rc if rc < 0 else rc
             raise _StageFailed(stage, rc, _disk_hint(cfg))
         after = stage_status(cfg, stage, fps)
+        if stage == "export" and after.state == "done" and missing_gguf(cfg):
+            raise StageError(f"stage 'export' exited 0 without the GGUF files {missing_gguf(cfg)} in {after.path}")
         if after.state != "done":
             raise StageError(
                 f"stage '{stage}' exited 0 but is {after.state}: no manifest with fingerprint {fps[stage]} in {after.path}"

@@ -7,7 +7,10 @@ nanoGPT's recipe, made resumable and distributed:
   is the data position saved in checkpoints;
 - AdamW with weight decay on matrices only, linear warmup then cosine decay to ``min_lr`` (a pure function of
   the step, so it needs no scheduler state), gradient clipping, accumulation through accelerate;
-- bf16 autocast on GPUs that support it, optional ``torch.compile``;
+- or (``optimizer: muon``) torch's Muon for the 2-D matrices inside the blocks and AdamW for the rest, as in
+  modded-nanogpt (:func:`build_optimizers`); the one schedule scales both learning rates (:func:`set_schedule`);
+  both optimizers' states are in every checkpoint;
+- bf16 autocast when the stage resolves ``dtype`` so (``pipeline.precision``), optional ``torch.compile``;
 - the loss is copied to the host only every ``log_interval`` steps (no per-step sync): a NaN/inf is detected
   there and stops the stage before the next checkpoint, so the last good checkpoint stays;
 - SIGTERM/SIGINT set a flag (``pipeline.training.StopSignal``); the loop saves a checkpoint at the next step
@@ -26,11 +29,22 @@ from typing import Any
 import torch
 
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
-from .config import ModelConfig, PretrainConfig
+from .config import ConfigError, ModelConfig, PretrainConfig
+from .config.pretrain import MUON_UNDER_ZERO
 from .runs import StageDir, StageError
 from .training import Interrupted, StopSignal
 
-__all__ = ["lr_at", "resolve_model_config", "PretrainResult", "train", "peak_flops_for"]
+__all__ = [
+    "lr_at",
+    "muon_momentum_at",
+    "muon_parameters",
+    "build_optimizers",
+    "set_schedule",
+    "resolve_model_config",
+    "PretrainResult",
+    "train",
+    "peak_flops_for",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,81 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
         return cfg.min_lr
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+MUON_MOMENTUM_START = 0.85
+"""Muon's momentum at step 0 when ``muon_momentum_warmup_steps`` > 0 (modded-nanogpt)."""
+
+
+def muon_momentum_at(step: int, cfg: PretrainConfig) -> float:
+    """Muon's momentum for optimizer step ``step``: linear from 0.85 to ``muon_momentum`` over
+    ``muon_momentum_warmup_steps`` (modded-nanogpt), constant without warmup.
+
+    >>> c = PretrainConfig(muon_momentum=0.95, muon_momentum_warmup_steps=10)
+    >>> round(muon_momentum_at(0, c), 3), round(muon_momentum_at(5, c), 3), muon_momentum_at(10, c)
+    (0.85, 0.9, 0.95)
+    """
+    if step >= cfg.muon_momentum_warmup_steps:
+        return cfg.muon_momentum
+    frac = step / cfg.muon_momentum_warmup_steps
+    return (1 - frac) * MUON_MOMENTUM_START + frac * cfg.muon_momentum
+
+
+def muon_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters Muon trains: the 2-D weight matrices inside the transformer blocks (attention ``c_attn`` and
+    ``c_proj``, MLP ``c_fc`` and ``c_proj``). Embeddings, the (tied) LM head, LayerNorms and biases stay with AdamW:
+    Muon orthogonalises hidden-layer updates, which suits neither a lookup table nor the output layer (Keller
+    Jordan's Muon post; modded-nanogpt)."""
+    return [p for p in model.transformer.h.parameters() if p.requires_grad and p.dim() == 2]
+
+
+def build_optimizers(model: torch.nn.Module, cfg: PretrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
+    """The optimizers of ``cfg.optimizer``, AdamW first (its state is ``optimizer.bin`` in every checkpoint).
+
+    Args:
+        model: the unprepared GPT (``configure_optimizer`` gives AdamW and its weight-decay rule).
+        cfg: ``optimizer``, ``lr``, betas, ``weight_decay`` and the ``muon_*`` keys.
+        device_type: ``cuda`` lets AdamW use its fused kernel.
+
+    Returns:
+        ``[AdamW]``, or ``[AdamW over the rest, Muon over muon_parameters(model)]``; every trainable parameter is
+        in exactly one of them. Learning rates and momentum are set each step by :func:`set_schedule`.
+    """
+    adamw = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type)
+    if cfg.optimizer == "adamw":
+        return [adamw]
+    matrices = muon_parameters(model)
+    taken = {id(p) for p in matrices}
+    for group in adamw.param_groups:  # AdamW keeps its decay rule for what Muon does not take (it holds no state yet)
+        group["params"] = [p for p in group["params"] if id(p) not in taken]
+    muon = torch.optim.Muon(
+        matrices, lr=cfg.muon_lr, weight_decay=cfg.muon_weight_decay, momentum=cfg.muon_momentum, nesterov=True
+    )
+    log.info(
+        "Muon: %d matrices (%d params); AdamW: %d tensors (%d params)",
+        len(matrices),
+        sum(p.numel() for p in matrices),
+        sum(len(g["params"]) for g in adamw.param_groups),
+        sum(p.numel() for g in adamw.param_groups for p in g["params"]),
+    )
+    return [adamw, muon]
+
+
+def set_schedule(optimizers: list[Any], step: int, cfg: PretrainConfig) -> float:
+    """Set every optimizer's learning rate (and Muon's momentum) for optimizer step ``step``; returns AdamW's lr.
+
+    One schedule for both: Muon's lr is ``lr_at(step) * muon_lr / lr``, so warmup and cosine decay scale both alike.
+    """
+    lr = lr_at(step, cfg)
+    for opt in optimizers:
+        is_muon = isinstance(getattr(opt, "optimizer", opt), torch.optim.Muon)  # accelerate wraps optimizers
+        for group in opt.param_groups:
+            if is_muon:
+                group["lr"] = lr * cfg.muon_lr / cfg.lr
+                group["momentum"] = muon_momentum_at(step, cfg)
+            else:
+                group["lr"] = lr
+    return lr
 
 
 def resolve_model_config(cfg: ModelConfig, tokenizer_vocab: int, seq_len: int) -> ModelConfig:
@@ -122,7 +211,8 @@ def train(
 
     Args:
         accelerator: an ``accelerate.Accelerator`` built with ``gradient_accumulation_steps=cfg.grad_accum``.
-        model: the (unprepared) GPT; it must expose ``configure_optimizer`` and ``flops_per_token``.
+        model: the (unprepared) GPT; it must expose ``configure_optimizer``, ``transformer.h`` (the blocks, for
+            Muon) and ``flops_per_token``.
         train_data / val_data: token shards with ``sample_batch(n, seq_len, generator) -> (x, y)``.
         seq_len: tokens per sequence.
         resume: continue from the latest complete checkpoint in ``stage_dir``.
@@ -133,16 +223,19 @@ def train(
         Final metrics (``train_loss``, ``val_loss``, ``tokens``, ``tokens_per_s``, ``mfu`` when known) and samples.
 
     Raises:
+        ConfigError: ``optimizer=muon`` under DeepSpeed (before anything is built).
         StageError: non-finite loss (naming the steps).
         Interrupted: a stop signal reached a process; a checkpoint was saved first.
     """
+    if cfg.optimizer == "muon" and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        raise ConfigError(MUON_UNDER_ZERO)
     device_type = accelerator.device.type
     flops_per_token = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 0.0
-    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), device_type)
+    optimizers = build_optimizers(model, cfg, device_type)
     if cfg.compile:
         model = torch.compile(model)
     _fill_deepspeed_auto(accelerator, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, *optimizers = accelerator.prepare(model, *optimizers)
 
     data_gen = torch.Generator().manual_seed(seed)
     st = _State()
@@ -173,9 +266,7 @@ def train(
     with StopSignal() as stop:
         while st.step < cfg.max_steps:
             t0 = time.time()
-            lr = lr_at(st.step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_schedule(optimizers, st.step, cfg)
             for _ in range(cfg.grad_accum):
                 x, y = train_data.sample_batch(world * B, seq_len, data_gen)
                 x, y = x[sl].to(accelerator.device, non_blocking=True), y[sl].to(accelerator.device, non_blocking=True)
@@ -185,19 +276,25 @@ def train(
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.grad_clip > 0:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    for opt in optimizers:
+                        opt.step()
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
                 loss_acc += loss.detach().float()
             st.step += 1
             st.tokens += tokens_per_step
             window_steps += 1
+            last = st.step == cfg.max_steps
+            logging_now = st.step % cfg.log_interval == 0 or last or st.step % cfg.ckpt_interval == 0
+            evaluating = st.step % cfg.eval_interval == 0 or last
+            if device_type == "cuda" and (logging_now or evaluating):
+                torch.cuda.synchronize()  # queued kernels count as training time, not as the log's, eval's or save's
             dt = time.time() - t0
             window_train_s += dt
             st.train_time_s += dt
             bar.update(1)
 
-            last = st.step == cfg.max_steps
-            if st.step % cfg.log_interval == 0 or last or st.step % cfg.ckpt_interval == 0:
+            if logging_now:
                 train_loss = float(accelerator.reduce(loss_acc, reduction="mean")) / (window_steps * cfg.grad_accum)
                 if not math.isfinite(train_loss):
                     raise StageError(
@@ -226,9 +323,9 @@ def train(
                 loss_acc.zero_()
                 window_steps, window_train_s = 0, 0.0
 
-            if st.step % cfg.eval_interval == 0 or last:
+            if evaluating:
                 st.last_val_loss = _estimate_val_loss(model, accelerator, val_data, cfg, seq_len, seed)
-                rec = {"step": st.step, "val/loss": st.last_val_loss}
+                rec = {"step": st.step, "val/loss": st.last_val_loss, "train_time_s": st.train_time_s}
                 if sample_fn is not None and accelerator.is_main_process:
                     text = sample_fn(accelerator.unwrap_model(model))
                     rec["sample"] = text

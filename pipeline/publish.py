@@ -13,10 +13,10 @@ import os
 import shutil
 from pathlib import Path
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig
 from .runs import STAGES, StageDir
 
-__all__ = ["publish", "check_export_dir"]
+__all__ = ["publish", "check_export_dir", "gguf_file_name", "missing_gguf"]
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,20 @@ _PROJECT = Path(__file__).resolve().parents[1]
 
 def _git_checkout(start: Path) -> Path | None:
     return next((d for d in (start, *start.parents) if (d / ".git").exists()), None)
+
+
+def gguf_file_name(name: str, out_type: str) -> str:
+    """``<name>-<type>.gguf``, e.g. ``tiny-q8_0.gguf``: the GGUF files of run ``name``'s export folder."""
+    return f"{name}-{out_type}.gguf"
+
+
+def missing_gguf(cfg: RunConfig) -> list[str]:
+    """The GGUF output types the config asks for (``export.formats``, ``export.gguf_types``) that the run's export
+    folder does not hold: a done export lacking them is completed, not made again (``stages/export.py``)."""
+    if "gguf" not in cfg.export.formats:
+        return []
+    root = StageDir.of(cfg.run_dir, "export").root
+    return [t for t in cfg.export.gguf_types if not (root / gguf_file_name(cfg.run.name, t)).is_file()]
 
 
 def check_export_dir(dest: str | Path, run_dir: str | Path) -> Path:
@@ -56,6 +70,12 @@ def check_export_dir(dest: str | Path, run_dir: str | Path) -> Path:
                 f"{where}: {d} {'is' if d == p else 'holds'} {what} ({p}); publishing there would move it aside. "
                 f"Nothing was changed; name a folder of its own, e.g. export.dir=hf_export"
             )
+    if d.exists() and not _is_export(d):
+        what = "a file" if not d.is_dir() else "a folder that is not a model export"
+        raise ConfigError(
+            f"{where}: {d} is {what}; publishing there would move it aside. Nothing was changed; name a new folder, "
+            f"or one that holds an earlier export (config.json and safetensors weights)"
+        )
     inside = [s for s in STAGES if (run_dir / s) in d.parents and d != run_dir / "export" / "artifact"]
     if inside:
         raise ConfigError(
@@ -63,6 +83,18 @@ def check_export_dir(dest: str | Path, run_dir: str | Path) -> Path:
             f"Nothing was changed; name a folder outside {run_dir}/<stage>/"
         )
     return d
+
+
+def _is_export(d: Path) -> bool:
+    """An earlier export (or an empty folder), which publishing may move aside: a model directory with its config
+    and safetensors weights, not a source tree, a git folder or a file."""
+    if not d.is_dir():
+        return False
+    names = {p.name for p in d.iterdir()}
+    return not names or (
+        "config.json" in names
+        and any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names)
+    )
 
 
 def publish(artifact: Path, dest: Path, run_dir: Path) -> bool:

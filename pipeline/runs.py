@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .filecheck import check_checkpoint
 from .provenance import git_revision, package_versions
 
 __all__ = [
@@ -607,6 +608,21 @@ class StageDir:
         """The folder of the newest complete checkpoint, or None."""
         ckpt = self.latest_complete()
         return ckpt.path if ckpt else None
+
+    def corrupt_resume_error(self) -> StageError | None:
+        """The error to give before resuming from the newest complete checkpoint when its files are cut off or
+        corrupt (``pipeline.filecheck``: nothing is loaded), with the fix; None when it looks sound or there is none.
+        The orchestrator and a stage run as a module (``python -m stages.sft``) give the same message."""
+        ckpt = self.latest_checkpoint()
+        problems = check_checkpoint(ckpt) if ckpt is not None else []
+        if not problems:
+            return None
+        return StageError(
+            f"stage '{self.stage}' would resume from {ckpt}, which is corrupt:\n  - "
+            + "\n  - ".join(problems[:5])
+            + f"\nNothing was changed. Move it aside (mv {ckpt} {ckpt}.corrupt) to resume from the checkpoint "
+            f"before it, or use FORCE=1 to start the stage again (the old folder is moved aside, not deleted)."
+        )
 
     def remove_incomplete_checkpoints(self) -> list[Path]:
         """Delete incomplete checkpoint folders (writes cut off by a kill); returns them. Main process only."""

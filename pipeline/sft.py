@@ -46,6 +46,7 @@ from pipeline.training import (
     clean_hf_artifact,
     context_length,
     trainer_device_args,
+    without_tied_copies,
 )
 
 __all__ = [
@@ -307,7 +308,12 @@ def save_artifact(trainer: Any, tokenizer: Any, artifact_dir: str | Path) -> Non
     artifact_dir = Path(artifact_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)
     set_chat_generation_config(model, tokenizer)
-    trainer.save_model(str(artifact_dir))
+    if trainer.is_deepspeed_enabled:  # gathered as separate tensors: the tied head would be written twice
+        state = trainer.accelerator.get_state_dict(trainer.deepspeed)  # every rank takes part
+        if trainer.args.should_save:
+            model.save_pretrained(str(artifact_dir), state_dict=without_tied_copies(model, state))
+    else:
+        trainer.save_model(str(artifact_dir))
     if trainer.args.should_save:
         clean_hf_artifact(artifact_dir)
         tokenizer.save_pretrained(str(artifact_dir), save_jinja_files=False)

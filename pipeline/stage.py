@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import refuse_pickle_resume
 from .config import ConfigError, RunConfig, load_config, to_dict, to_yaml
 from .launch import configure_process, is_main_process
 from .lineage import all_fingerprints, input_contents, stage_inputs
@@ -86,8 +87,17 @@ def parse_args(stage: str, argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext], StageResult]) -> int:
-    """Run ``body`` as stage ``stage`` under the run-folder contract; returns a process exit code."""
+def run_stage(
+    stage: str,
+    argv: list[str] | None,
+    body: Callable[[StageContext], StageResult],
+    on_done: Callable[[StageContext], None] | None = None,
+) -> int:
+    """Run ``body`` as stage ``stage`` under the run-folder contract; returns a process exit code.
+
+    ``on_done``: called (main process, stage folder locked) when the stage is already done, for outputs derived
+    from the artifact that the current config asks for and the done stage lacks (the export's GGUF files).
+    """
     setup_logging()
     configure_process()
     args = parse_args(stage, argv)
@@ -100,6 +110,9 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
         state = sd.state(fps[stage])
         if state == "done":
             log.info("%s: already done (%s), nothing to do", stage, sd.manifest_path)
+            if on_done is not None and is_main_process():
+                sd.lock()
+                on_done(StageContext(cfg, stage, sd, fps[stage], {}, state, args.config, tuple(args.overrides)))
             return 0
         inputs = {}
         for up in stage_inputs(cfg, stage):
@@ -110,7 +123,13 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
                     f"has fingerprint {m.get('fingerprint')} (expected {fps[up]}): '{up}' is stale. Run `make {up} FORCE=1` first."
                 )
             inputs[up] = fps[up]
+        err = sd.corrupt_resume_error() if state == "partial" else None
+        if err is not None and not args.force:
+            raise err  # what the orchestrator says too; a stage run as a module would otherwise fail in torch.load
         if is_main_process():
+            if err is not None:
+                log.info("%s: corrupt checkpoint: stage folder moved aside to %s", stage, sd.move_aside())
+                state = "missing"
             state = sd.begin(fps[stage], to_yaml(cfg), force=args.force, contents=contents, inputs=inputs)
             if state == "done":  # another process finished it meanwhile
                 log.info("%s: already done (%s), nothing to do", stage, sd.manifest_path)
@@ -120,8 +139,10 @@ def run_stage(stage: str, argv: list[str] | None, body: Callable[[StageContext],
             deadline = time.time() + 120
             while sd.started_fingerprint() != fps[stage] and time.time() < deadline:
                 time.sleep(0.1)
-            if state in ("stale", "corrupt"):
+            if state in ("stale", "corrupt") or err is not None:
                 state = "missing"
+        if state == "partial":  # on every process, before any load: DeepSpeed's checkpoint loader unpickles
+            refuse_pickle_resume(sd, cfg.run.allow_pickle_checkpoints)
         ctx = StageContext(cfg, stage, sd, fps[stage], inputs, state, args.config, tuple(args.overrides))
         log.info("%s: %s -> %s", stage, "resuming" if state == "partial" else "starting", sd.root)
         t0 = time.time()

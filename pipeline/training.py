@@ -254,7 +254,9 @@ class MetricsCallback(TrainerCallback):
         stage: the stage name, for the error message.
 
     Raises:
-        StageError: (from ``on_log``) a non-finite ``loss`` or ``eval_loss``, naming the stage and the step.
+        StageError: (from ``on_log``) a non-finite ``loss`` or ``eval_loss``, naming the stage and the step;
+            (from ``on_step_end``) weights that are not finite when a checkpoint is due, so that the checkpoints
+            kept are the good ones before the divergence (a loss is only seen every ``logging_steps``).
     """
 
     def __init__(self, sink: Callable[[dict[str, Any]], None], keys: dict[str, str], stage: str) -> None:
@@ -274,6 +276,17 @@ class MetricsCallback(TrainerCallback):
         record = {self.keys[k]: float(v) for k, v in logs.items() if k in self.keys}
         if any(k != "epoch" for k in logs if k in self.keys) and state.is_world_process_zero:
             self.sink({"step": state.global_step, **record})
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        """``Trainer`` hook, after each optimizer step: before a checkpoint is written, its weights must be finite."""
+        if control.should_save and model is not None:
+            bad, n_bad = _nonfinite_weights(model)
+            if n_bad:
+                raise StageError(
+                    f"{self.stage}: the weights are not finite at step {state.global_step} ({_names(bad, n_bad)}): "
+                    f"training diverged; stopping before the checkpoint of this step, the last good one stays in "
+                    f"{args.output_dir} (lower {self.stage}.lr, or check the data)"
+                )
 
 
 def check_trained(stage: str, model: torch.nn.Module, step: int, output_dir: Path | str) -> None:
@@ -296,6 +309,17 @@ def check_trained(stage: str, model: torch.nn.Module, step: int, output_dir: Pat
             f"{stage}: no optimizer step ran (step {step}), so the model is untrained; no artifact written. "
             f"Raise {stage}.epochs or {stage}.max_steps, or check that the dataset is not empty"
         )
+    bad, n_bad = _nonfinite_weights(model)
+    if n_bad:
+        raise StageError(
+            f"{stage}: the weights are not finite after step {step} ({_names(bad, n_bad)}): training diverged; "
+            f"no artifact written, the checkpoints stay in {output_dir} (lower {stage}.lr, or check the data)"
+        )
+
+
+def _nonfinite_weights(model: torch.nn.Module) -> tuple[list[str], int]:
+    """(names of this process's non-finite tensors, their count summed over the processes). Every process must
+    call it (under ZeRO-3 each checks its own shards), so that all of them raise together."""
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(_local_weights(p)).all())]
     n_bad = len(bad)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -304,12 +328,12 @@ def check_trained(stage: str, model: torch.nn.Module, step: int, output_dir: Pat
             count = torch.tensor([n_bad], device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
             torch.distributed.all_reduce(count)
             n_bad = int(count.item())
-    if n_bad:
-        names = (", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")) if bad else "on another process"
-        raise StageError(
-            f"{stage}: the weights are not finite after step {step} ({n_bad} tensors: {names}): training diverged; "
-            f"no artifact written, the checkpoints stay in {output_dir} (lower {stage}.lr, or check the data)"
-        )
+    return bad, n_bad
+
+
+def _names(bad: list[str], n_bad: int) -> str:
+    shown = (", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")) if bad else "on another process"
+    return f"{n_bad} tensors: {shown}"
 
 
 def _local_weights(param: torch.Tensor) -> torch.Tensor:
@@ -319,6 +343,21 @@ def _local_weights(param: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- artifacts
+
+
+def without_tied_copies(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the entries the model ties to another (GPT-2's ``lm_head.weight`` is the token embedding).
+
+    DeepSpeed's gather (ZeRO-2 and ZeRO-3) returns each parameter as its own tensor, so ``save_pretrained`` would
+    write a tied head a second time; the artifact then differs in format from a 1-process run's. An entry is only
+    dropped when it equals its target, so an untied head is never lost.
+    """
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return state
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    pairs = tied.items() if isinstance(tied, dict) else ()
+    drop = {k for k, target in pairs if k in state and target in state and torch.equal(state[k], state[target])}
+    return {k: v for k, v in state.items() if k not in drop}
 
 
 def clean_hf_artifact(artifact_dir: Path | str) -> None:

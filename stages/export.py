@@ -10,9 +10,12 @@ set); see ``pipeline.export``, ``pipeline.gguf_export`` and ``pipeline.gguf_veri
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pipeline.config import RunConfig
 from pipeline.data.tasks import generate_tasks
@@ -20,9 +23,11 @@ from pipeline.export import export_model
 from pipeline.export_verify import verify_export
 from pipeline.gguf_export import probe_corpus, write_ggufs
 from pipeline.gguf_verify import llama_cpp_available, verify_gguf
-from pipeline.publish import check_export_dir, publish
-from pipeline.runs import STAGES, StageDir, StageError
+from pipeline.publish import check_export_dir, missing_gguf, publish
+from pipeline.runs import STAGES, StageDir, StageError, atomic_write_json
 from pipeline.stage import StageContext, StageResult, run_stage
+
+log = logging.getLogger(__name__)
 
 
 def _body(ctx: StageContext) -> StageResult:
@@ -85,8 +90,25 @@ _REPORTED = ("ok", "python", "transformers", "model_class", "tokenizer_class", "
              "dtype", "eos_token_id", "pad_token_id", "max_abs_logit_diff", "pipeline_reply")  # fmt: skip
 
 
+def _add_gguf(ctx: StageContext) -> None:
+    """A done export that lacks GGUF files the config asks for (``make export FORMAT=gguf`` after ``make all``):
+    write them from its HF directory, prove them like :func:`_body` does, and record them in its manifest. The HF
+    directory and the stage's fingerprint are unchanged."""
+    cfg = ctx.cfg
+    if "gguf" not in cfg.export.formats or not missing_gguf(cfg):
+        return
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("export: done; adding the GGUF files it lacks (%s)", ", ".join(missing_gguf(cfg)))
+    model = AutoModelForCausalLM.from_pretrained(ctx.dir.artifact, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ctx.dir.artifact)
+    gguf = _gguf(cfg, ctx.dir.root, ctx.dir.artifact, model, tokenizer)
+    manifest = ctx.dir.manifest() or {}
+    atomic_write_json(ctx.dir.manifest_path, {**manifest, "gguf": gguf})
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("export", argv, _body)
+    return run_stage("export", argv, _body, on_done=_add_gguf)
 
 
 if __name__ == "__main__":

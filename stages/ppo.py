@@ -27,6 +27,7 @@ from pipeline.config import PPOStageConfig, ReportConfig
 from pipeline.data.prompts import load_prompts
 from pipeline.data.tasks import write_jsonl
 from pipeline.lm import context_length
+from pipeline.model_source import check_model_sources
 from pipeline.plots import plot_stage
 from pipeline.reward import CheckerScorer, RewardScorer
 from pipeline.rl.components import (
@@ -92,6 +93,7 @@ def _dpo_control(
 
 def _body(ctx: StageContext) -> StageResult:
     cfg, seed = ctx.cfg.ppo, ctx.cfg.run.seed
+    check_model_sources(ctx.cfg, "ppo")  # a missing or broken ppo.policy_from/reward_from, named, before any work
     policy_from = cfg.policy_from or ctx.upstream("sft").artifact
     reward_from = cfg.reward_from or ctx.upstream("reward").artifact
     # loaded before the Accelerator exists, so ZeRO-3 does not partition them at load time: the frozen

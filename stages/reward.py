@@ -31,6 +31,7 @@ from pipeline.analysis.controls import reward_check
 from pipeline.analysis.diagnostics import reward_diagnostics
 from pipeline.data.preferences import PreferenceData, load_preferences
 from pipeline.data.records import BadRecord
+from pipeline.model_source import check_model_sources
 from pipeline.reward import build, load_scorer
 from pipeline.reward.build import RewardRun, init_lm
 from pipeline.reward.evaluation import evaluate_rankings, normalisation_stats, stage_metrics
@@ -132,6 +133,7 @@ def _evaluate(
 
 
 def _body(ctx: StageContext) -> StageResult:
+    check_model_sources(ctx.cfg, "reward")  # a missing or broken reward.init_from, named, before any work
     data, n_on_policy = _load_data(ctx)
     run, train_loss = _train(ctx, data)
     if not is_main_process():

@@ -17,6 +17,7 @@ from transformers import set_seed
 
 from pipeline.analysis.checker import has_checker
 from pipeline.data.conversations import load_sft_data
+from pipeline.model_source import check_model_sources
 from pipeline.runs import StageError
 from pipeline.sft import build_trainer as _build_trainer
 from pipeline.sft import (
@@ -36,6 +37,7 @@ log = logging.getLogger("stages.sft")
 
 def _body(ctx: StageContext) -> StageResult:
     cfg, seed = ctx.cfg.sft, ctx.cfg.run.seed
+    check_model_sources(ctx.cfg, "sft")  # a missing or broken sft.init_from, named, before any work
     set_seed(seed)
     source = cfg.init_from or ctx.upstream("pretrain").artifact
     model, tok = load_model_and_tokenizer(source, cfg.trust_remote_code, external=bool(cfg.init_from))

@@ -205,3 +205,90 @@ def test_a_task_generator_change_makes_the_stages_that_use_its_data_stale(monkey
     monkeypatch.setattr(lineage, "GENERATOR_VERSION", "999")
     after = all_fingerprints(cfg)
     assert {s for s in before if before[s] != after[s]} == {"sft", "reward", "ppo", "export"}
+
+
+LOAD_TIME_ERRORS = [
+    # (override(s), fragment of the error): values that used to pass loading and fail only when their stage
+    # started, after the stages before it had spent their time (issue 17)
+    (["pretrain.beta1=2"], r"pretrain.beta1 must be in \[0, 1\), got 2.0"),
+    (["pretrain.beta2=-0.1"], r"pretrain.beta2 must be in \[0, 1\)"),
+    (["pretrain.eval_interval=0"], r"pretrain.eval_interval must be >= 1, got 0"),
+    (["pretrain.num_threads=-1"], r"pretrain.num_threads must be >= 0"),
+    (["pretrain.weight_decay=-1"], r"pretrain.weight_decay must be >= 0"),
+    (["pretrain.block_size=512"], r"pretrain.block_size=512 exceeds model.block_size=256"),
+    (["sft.lr_scheduler=bogus"], r"sft.lr_scheduler='bogus' is not a transformers scheduler; valid: linear"),
+    (["sft.lr_scheduler=cosine_with_min_lr"], r"needs its arguments .* in sft.trainer_args.lr_scheduler_kwargs"),
+    (["reward.lr_scheduler=bogus"], r"reward.lr_scheduler='bogus' is not a transformers scheduler"),
+    (["sft.weight_decay=-1"], r"sft.weight_decay must be >= 0"),
+    (["reward.warmup_ratio=1.5"], r"reward.warmup_ratio must be in \[0, 1\)"),
+    (["sft.max_length=300"], r"sft.max_length=300 exceeds the model's context, model.block_size=256"),
+    (["reward.max_length=300"], r"reward.max_length=300 exceeds the model's context"),
+    (["ppo.max_prompt_length=250"], r"ppo.max_prompt_length \+ ppo.max_new_tokens = 250 \+ 12 = 262 exceeds"),
+    (["data.tasks.kinds=[say,bogus]"], r"unknown task kind\(s\) \['bogus'\]; valid kinds: add, spell"),
+    (["run.seed=-1"], r"run.seed must be in \[0, 2\*\*32\)"),
+    (["run.name=a/b"], r"run.name must be a plain folder name"),
+]
+
+
+@pytest.mark.parametrize("overrides,fragment", LOAD_TIME_ERRORS, ids=[o[0] for o, _ in LOAD_TIME_ERRORS])
+def test_values_that_would_fail_a_later_stage_are_refused_at_load_blaming_the_command_line(overrides, fragment):
+    tiny = CONFIG_DIR / "tiny.yaml"
+    with pytest.raises(ConfigError, match=rf"^command line \(over {tiny}\): .*{fragment}"):
+        load_config(tiny, overrides)
+
+
+def test_context_checks_wait_for_the_model_when_it_comes_from_elsewhere():
+    """Another model's context is only known once it is loaded: its stage checks it then (stages/ppo.py, sft.py)."""
+    tiny = CONFIG_DIR / "tiny.yaml"
+    assert load_config(tiny, ["ppo.policy_from=gpt2", "ppo.max_prompt_length=250"]).ppo.max_prompt_length == 250
+    assert load_config(tiny, ["pretrain.init_from=gpt2", "sft.max_length=1024"]).sft.max_length == 1024
+    cfg = load_config(
+        tiny, ["sft.lr_scheduler=cosine_with_min_lr", "sft.trainer_args={lr_scheduler_kwargs: {min_lr: 1e-5}}"]
+    )
+    assert cfg.sft.lr_scheduler == "cosine_with_min_lr"
+
+
+def test_the_load_time_name_lists_match_the_code_they_stand_for():
+    from transformers import SchedulerType
+
+    from pipeline.config import LR_SCHEDULERS, TASK_KINDS
+    from pipeline.data.tasks import FAMILIES
+
+    assert set(TASK_KINDS) == set(FAMILIES)
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+def test_a_config_file_that_is_not_utf8_is_an_error_naming_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(b"run:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=rf"^{p}:2: not valid UTF-8 \(byte 0xe9\)"):
+        load_config(p)
+
+
+def test_an_override_yaml_cannot_read_is_taken_as_its_text():
+    """A glob (documented for data.corpus.paths) starts with '*', which YAML reads as an alias."""
+    assert load_config(None, ["data.corpus.paths=*.txt"]).data.corpus.paths == ("*.txt",)
+    assert load_config(None, ["run.name=@try"]).run.name == "@try"
+    with pytest.raises(ConfigError, match=r"override 'data.corpus.paths=\[a.txt': not a valid value"):
+        load_config(None, ["data.corpus.paths=[a.txt"])  # meant as a list: still an error
+
+
+@pytest.mark.parametrize(
+    "override,fragment",
+    [("sft.dataset.max_records=-1", r"sft.dataset: max_records must be >= 0"),
+     ("reward.dataset.eval_fraction=2", r"reward.dataset: eval_fraction must be in \[0, 1\), got 2"),
+     ("ppo.dataset.eval_fraction=-1", r"ppo.dataset: eval_fraction must be in \[0, 1\)")],
+)  # fmt: skip
+def test_dataset_counts_and_fractions_are_range_checked(override, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(None, [override])
+
+
+def test_an_unknown_key_suggests_a_likely_name_or_none():
+    with pytest.raises(ConfigError, match=r"did you mean 'pretrain.lr'\?"):
+        load_config(None, ["pretrain.learning_rate=1e-3"])  # transformers' name for it
+    with pytest.raises(ConfigError, match=r"did you mean 'pretrain.max_steps'\?"):
+        load_config(None, ["pretrain.max_step=3"])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["pretrain.zzzz=3"])
+    assert "did you mean" not in str(e.value) and "Valid keys of pretrain: init_from" in str(e.value)

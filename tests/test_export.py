@@ -239,7 +239,7 @@ def test_zero3_checkpoint_is_consolidated(tmp_path):
     res = subprocess.run([sys.executable, "-c", _ZERO3_CHECKPOINT, str(tmp_path)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "zero/latest").exists() and not list((tmp_path / "zero").glob("*.safetensors"))
-    model = load_source_model(tmp_path / "zero")
+    model = load_source_model(tmp_path / "zero", allow_pickle=True)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "reference")
     for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         assert torch.equal(a, b), name
@@ -316,7 +316,17 @@ _TARGETS = {
     "dot": lambda root: ".",
     "dotdot": lambda root: "..",
     "filesystem root": lambda root: "/",
+    "the checkout's .git": lambda root: REPO / ".git",
+    "a source folder": lambda root: REPO / "pipeline",
+    "a file": lambda root: REPO / "README.md",
+    "a folder of other files": lambda root: _other_files(root.parent / "notes"),
 }
+
+
+def _other_files(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "todo.txt").write_text("mine")
+    return d
 
 
 @pytest.mark.parametrize("where", list(_TARGETS))
@@ -345,3 +355,45 @@ def test_pipeline_export_refuses_the_run_root_before_running_anything(tmp_path, 
         err = capsys.readouterr().err
         assert f"error: export.dir={target}: " in err
     assert sorted(p.name for p in (root / "tiny").iterdir()) == sorted(STAGES)
+
+
+def test_export_dir_may_be_new_empty_or_an_earlier_export(tmp_path):
+    from pipeline.publish import check_export_dir
+
+    run_dir = tmp_path / "runs" / "tiny"
+    assert check_export_dir(tmp_path / "new", run_dir) == (tmp_path / "new").resolve()
+    (tmp_path / "empty").mkdir()
+    assert check_export_dir(tmp_path / "empty", run_dir) == (tmp_path / "empty").resolve()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    (old / "model.safetensors").write_bytes(b"")
+    assert check_export_dir(old, run_dir) == old.resolve()
+
+
+def test_gguf_asked_of_a_done_export_is_added_without_making_it_again(tmp_path, capfd):
+    """`make all` then `make export FORMAT=gguf` (issue 16): the export was stale on export.formats; now the done
+    export gets the GGUF files it lacks, its HF directory and fingerprint unchanged, through the stage and the
+    orchestrator alike."""
+    from pipeline.lineage import all_fingerprints
+
+    root = tmp_path / "runs"
+    make_fake_run(root)
+    rc, sd = _export(root)
+    assert rc == 0 and not list(sd.root.glob("*.gguf"))
+    hf_before = {p.name: p.read_bytes() for p in sd.artifact.iterdir()}
+    fp = sd.manifest()["fingerprint"]
+    capfd.readouterr()
+    rc, sd = _export(root, "export.formats=[hf,gguf]", "export.gguf_types=[f32,q8_0]")
+    assert rc == 0 and "adding the GGUF files it lacks (f32, q8_0)" in capfd.readouterr().err
+    assert sorted(p.name for p in sd.root.glob("*.gguf")) == ["tiny-f32.gguf", "tiny-q8_0.gguf"]
+    m = sd.manifest()
+    assert m["fingerprint"] == fp and sorted(m["gguf"]["files"]) == ["tiny-f32.gguf", "tiny-q8_0.gguf"]
+    assert {p.name: p.read_bytes() for p in sd.artifact.iterdir()} == hf_before
+    cfg = load_config(None, [f"run.root={root}", "export.formats=[hf,gguf]"])
+    assert all_fingerprints(cfg)["export"] == fp  # what it is does not depend on the files derived beside it
+    # the orchestrator sees a done export that lacks the f16 file and launches the stage for it
+    opts = RunOptions(None, (f"run.root={root}", "export.formats=[hf,gguf]"), env={"PYTHONPATH": str(REPO)})
+    assert run_pipeline("export", opts) == 0
+    assert (sd.root / "tiny-f16.gguf").is_file() and "tiny-f16.gguf" in sd.manifest()["gguf"]["files"]
+    assert {p.name: p.read_bytes() for p in sd.artifact.iterdir()} == hf_before

@@ -27,7 +27,7 @@ import torch
 from pipeline.config import TokenizerConfig, load_config
 from pipeline.data.tasks import generate_tasks
 from pipeline.gguf_export import probe_corpus, write_gguf
-from pipeline.gguf_verify import run_llama_cpp
+from pipeline.gguf_verify import run_llama_cpp, verify_gguf
 from pipeline.runs import StageDir
 from stages.export import main as export_main
 from tests.fake_stages.artifacts import make_fake_run
@@ -183,3 +183,32 @@ def test_llama_cpp_converter_converts_a_gpt2_kind_export(tmp_path, monkeypatch):
     texts = ["Hello world! It's 2024, naïve café.", *probe_corpus(n_random=20)]
     got = run_llama_cpp([out], texts, python=str(LLAMA_PYTHON))["files"][str(out.resolve())]["tokens"]
     assert got == [tok(t, add_special_tokens=False).input_ids for t in texts]
+
+
+def test_the_runs_own_gguf_export_in_llama_cpp():
+    """The GGUF files of a real run (``make all`` then ``make export FORMAT=gguf``): ``make test-interop`` names the
+    run with ``$INTEROP_CONFIG`` / ``$INTEROP_ARGS`` and proves its files as the export stage would, had llama.cpp
+    been importable then (the tokenisation corpus, f32 greedy tokens on the held-out prompts, q8_0 accuracy)."""
+    import shlex
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.environ.get("INTEROP_CONFIG"):
+        pytest.skip("interop check skipped: no run named ($INTEROP_CONFIG; `make test-interop` sets it to $(CONFIG))")
+    cfg = load_config(os.environ["INTEROP_CONFIG"], shlex.split(os.environ.get("INTEROP_ARGS", "")))
+    sd = StageDir.of(cfg.run_dir, "export")
+    manifest = sd.manifest() if sd.manifest_path.is_file() else None
+    if not manifest or "gguf" not in manifest:
+        pytest.skip(f"interop check skipped: no GGUF export in {sd.root} (`make export FORMAT=gguf` writes one)")
+    files = {name[len(cfg.run.name) + 1 : -len(".gguf")]: sd.root / name for name in manifest["gguf"]["files"]}
+    assert files and all(p.is_file() for p in files.values()), files
+    model = AutoModelForCausalLM.from_pretrained(sd.artifact, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(sd.artifact)
+    records = generate_tasks(cfg.data.tasks).ppo_eval[: cfg.export.gguf_n_prompts]
+    check = verify_gguf(files, model, tok, probe_corpus(), records, str(LLAMA_PYTHON))
+    print(f"\n{sd.root}: llama.cpp {check['llama_cpp']}, {check['n_texts']} texts / {check['n_tokens']} tokens "
+          f"equal: {check['tokenisation_equal']}, {check.get('n_identical')}/{check['n_prompts']} identical, ties "
+          f"{[t['transformers_margin'] for t in check.get('ties', [])]}, accuracy {check.get('accuracy')}")  # fmt: skip
+    assert check["ok"], check["problems"]
+    assert check["tokenisation_equal"] and check["n_identical"] >= 50 and not check["differences"]
+    assert set(files) >= {"f32", "q8_0"} and check["accuracy"]["f32"] - check["accuracy"]["q8_0"] <= 0.02

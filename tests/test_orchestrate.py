@@ -230,3 +230,100 @@ def test_a_corrupt_manifest_is_shown_by_status_and_cleared_by_force(tmp_path, ca
     (old,) = (tmp_path / "runs/tiny").glob("sft.old-*")
     assert (old / "manifest.json").read_text() == cut  # moved aside, not deleted
     assert _launches(tmp_path)[-1] == "sft 0" and _states(opts)["sft"] == "done"
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo"])
+def test_a_stage_run_as_a_module_refuses_a_truncated_checkpoint_like_the_orchestrator(stage, tmp_path, capsys):
+    """``python -m stages.<stage>`` gave a PytorchStreamReader traceback from torch.load (issue 17): it now gives the
+    orchestrator's message, with the mv fix, and changes nothing; with --force the folder is moved aside."""
+    import importlib
+
+    import torch
+
+    from tests.fake_stages.artifacts import make_fake_run
+
+    upstream = {"pretrain": ("tokenizer",), "sft": ("tokenizer", "pretrain"), "reward": ("tokenizer", "pretrain", "sft"),
+                "ppo": ("tokenizer", "pretrain", "sft", "reward")}[stage]  # fmt: skip
+    cfg = make_fake_run(tmp_path, stages=upstream)
+    sd = StageDir.of(cfg.run_dir, stage)
+    name = "step_000004" if stage in ("pretrain", "ppo") else "checkpoint-4"
+    ckpt = sd.checkpoints / name
+    ckpt.mkdir(parents=True)
+    torch.save({"w": torch.zeros(1000)}, ckpt / "optimizer.pt")
+    data = (ckpt / "optimizer.pt").read_bytes()
+    (ckpt / "optimizer.pt").write_bytes(data[: len(data) // 2])  # cut off by a full disk
+    (ckpt / "trainer_state.json").write_text('{"step": 4, "global_step": 4}')
+    (ckpt / "COMPLETE").write_text("")
+    before = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*"))
+    main = importlib.import_module(f"stages.{stage}").main
+    assert main([f"run.root={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"stage '{stage}' would resume from {ckpt}, which is corrupt" in err and "optimizer.pt" in err
+    assert f"mv {ckpt} {ckpt}.corrupt" in err and "Traceback" not in err
+    assert sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_deepspeed_resume_is_refused_before_launching_unless_allowed(tmp_path, monkeypatch, capsys):
+    """Under ``--launch zero2|zero3`` a partial stage would resume through DeepSpeed's checkpoint loader, which
+    unpickles: the orchestrator refuses it before launching anything, with the stage process's own message and exit
+    code 2 (not torchrun's 1 and one message per rank); ``run.allow_pickle_checkpoints=true`` lets it resume."""
+    import dataclasses
+
+    import pipeline.orchestrate as orchestrate
+    from pipeline.checkpoint import ALLOW_PICKLE_KEY
+
+    with pytest.raises(StageError, match="stage 'pretrain' failed with exit code 9"):
+        run_pipeline("sft", _opts(tmp_path, FAKE_DIE="pretrain:2"))
+    sd = StageDir.of(tmp_path / "runs/tiny", "pretrain")
+    ckpt = sd.checkpoint_path(2)
+    assert sd.latest_checkpoint() == ckpt and sd.manifest() is None
+    # the fakes run as plain processes (no accelerate, no DeepSpeed): only the orchestrator's own check is tested
+    launched: list[list[str]] = []
+    real_command, real_run = orchestrate.stage_command, orchestrate._run_child
+    monkeypatch.setattr(
+        orchestrate,
+        "stage_command",
+        lambda s, o, force=False: real_command(s, dataclasses.replace(o, launch="cpu"), force),
+    )
+    monkeypatch.setattr(orchestrate, "_run_child", lambda cmd, *a: launched.append(cmd) or real_run(cmd, *a))
+    before = sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*"))
+
+    for launch in ("zero2", "zero3"):
+        with pytest.raises(StageError) as e:
+            run_pipeline("sft", dataclasses.replace(_opts(tmp_path), launch=launch))
+        assert getattr(e.value, "returncode", 2) == 2
+        msg = str(e.value)
+        assert msg.startswith(f"stage 'pretrain' would resume from {ckpt} under DeepSpeed")
+        assert "weights_only=False" in msg and f"{ALLOW_PICKLE_KEY}=true" in msg and str(sd.checkpoints) in msg
+    assert launched == []  # nothing was launched
+    assert sorted((p.relative_to(tmp_path), p.stat().st_size) for p in tmp_path.rglob("*")) == before
+
+    # the command line: exit 2 and the message once (the orchestrator needs no stage module to refuse)
+    args = ["run", "sft", "--launch", "zero2", "--nproc", "2", f"run.root={tmp_path / 'runs'}"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"error: stage 'pretrain' would resume from {ckpt} under DeepSpeed") == 1
+    assert "failed with exit code" not in err and launched == []
+
+    allowed = dataclasses.replace(_opts(tmp_path, f"{ALLOW_PICKLE_KEY}=true"), launch="zero2")
+    assert run_pipeline("sft", allowed) == 0
+    assert [c[2] for c in launched] == ["tests.fake_stages.pretrain", "tests.fake_stages.sft"]
+    assert _launches(tmp_path)[-2:] == ["pretrain 2", "sft 0"]  # resumed at step 2
+
+
+def test_a_resume_without_deepspeed_needs_no_key(tmp_path):
+    """cpu and DDP resume through accelerate's and the Trainer's safe loaders (``weights_only=True``)."""
+    import dataclasses
+
+    from pipeline.orchestrate import _check_resumable
+    from pipeline.status import stage_status
+
+    with pytest.raises(StageError):
+        run_pipeline("pretrain", _opts(tmp_path, FAKE_DIE="pretrain:2"))
+    cfg = load_config(None, _opts(tmp_path).overrides)
+    st = stage_status(cfg, "pretrain", all_fingerprints(cfg))
+    assert st.state == "partial"
+    for launch in ("cpu", "ddp"):
+        _check_resumable(cfg, st, dataclasses.replace(_opts(tmp_path), launch=launch))  # no error
+    with pytest.raises(StageError, match=r"run\.allow_pickle_checkpoints=true"):
+        _check_resumable(cfg, st, dataclasses.replace(_opts(tmp_path), launch="zero3"))

@@ -15,6 +15,7 @@ import pipeline.rl.gae
 import pipeline.rl.kl
 import pipeline.rl.rollout
 import pipeline.rl.scores
+from pipeline.checkpoint import ALLOW_PICKLE_KEY
 from pipeline.config import ConfigError, PPOStageConfig
 from pipeline.lm import disable_dropout, fuse_activations, left_pad, response_logprobs, truncate_after_stop
 from pipeline.reward import ProgrammaticReward, ScalarReward
@@ -549,8 +550,9 @@ def test_stage_resumes_after_a_kill(tmp_path):
 # ----------------------------------------------------------------------------- multi-process (slow)
 
 
-def _launch(tmp_path, launch, args, name):
-    """Run the stage under ``accelerate launch`` with 2 processes and the project's config for ``launch``."""
+def _launch(tmp_path, launch, args, name, ok=True):
+    """Run the stage under ``accelerate launch`` with 2 processes and the project's config for ``launch``; with
+    ``ok``, assert it succeeded. Returns the finished process."""
     import subprocess
     from pathlib import Path
 
@@ -566,7 +568,8 @@ def _launch(tmp_path, launch, args, name):
     cmd = [*accelerate_launch(cfg_file), "-m", "stages.ppo", *args]
     env = child_env()  # without the launcher state earlier in-process tests leave behind
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert out.returncode == 0 or not ok, out.stdout[-3000:] + out.stderr[-6000:]
+    return out
 
 
 def _artifact_weights(cfg):
@@ -598,6 +601,12 @@ def test_two_processes_train_agree_and_resume(tmp_path, launch):
     sd.manifest_path.unlink()
     shutil.rmtree(sd.artifact)
     shutil.rmtree(sd.checkpoints / "step_000003")
+    if launch != "ddp":  # DeepSpeed's checkpoint loader unpickles: refused before any load, unless allowed
+        refused = _launch(tmp_path, launch, args, "refused", ok=False)
+        assert refused.returncode != 0 and not sd.manifest_path.exists(), refused.stderr[-3000:]
+        assert f"stage 'ppo' would resume from {sd.checkpoints / 'step_000002'} under DeepSpeed" in refused.stderr
+        assert f"{ALLOW_PICKLE_KEY}=true" in refused.stderr and sd.latest_checkpoint() == sd.checkpoints / "step_000002"
+        args = [*args, f"{ALLOW_PICKLE_KEY}=true"]
     _launch(tmp_path, launch, args, "resume")
     resumed = json.loads(sd.manifest_path.read_text())
     assert [r["step"] for r in sd.read_metrics()] == [1, 2, 3, 3]

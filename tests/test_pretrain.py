@@ -3,6 +3,7 @@ and (slow) 2-process DDP and DeepSpeed ZeRO-2 on CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -19,7 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import PretrainConfig, load_config
+from pipeline.checkpoint import ALLOW_PICKLE_KEY
+from pipeline.config import ConfigError, PretrainConfig, load_config
 from pipeline.pretrain import lr_at, resolve_model_config
 from pipeline.runs import StageDir, StageError
 from tests.helpers_launch import accelerate_launch, child_env
@@ -35,6 +37,7 @@ data:
 model: {{n_layer: 2, n_head: 2, n_embd: 32, block_size: 32}}
 pretrain: {{batch_size: 4, max_steps: {steps}, eval_interval: 10, eval_iters: 2, log_interval: 5, ckpt_interval: 5,
            warmup_steps: 5, sample_tokens: 8, keep_checkpoints: 2, num_threads: 1}}
+ppo: {{max_prompt_length: 16, max_new_tokens: 16}}  # within model.block_size (checked at load)
 """
 
 
@@ -108,11 +111,13 @@ def test_lr_schedule():
 
 
 def test_block_size_larger_than_model_allows():
-    cfg = load_config(None, ["model.block_size=64", "pretrain.block_size=128"])
+    with pytest.raises(ConfigError, match=r"pretrain.block_size=128 exceeds model.block_size=64"):
+        load_config(None, ["model.block_size=64", "pretrain.block_size=128", "ppo.max_prompt_length=32"])
+    cfg = load_config(None, ["model.block_size=64", "pretrain.block_size=64", "ppo.max_prompt_length=32"])
     with pytest.raises(
         StageError, match=r"pretrain.block_size=128 is larger than the model allows \(model.block_size=64\)"
     ):
-        resolve_model_config(cfg.model, 300, 128)
+        resolve_model_config(cfg.model, 300, 128)  # the stage's own check stays, for a config built in code
     assert resolve_model_config(cfg.model, 300, 64).vocab_size == 320  # rounded up to a multiple of 64
 
 
@@ -124,6 +129,10 @@ def test_stage_artifact_and_skip(tmp_path, tokenized):
     assert set(m["metrics"]) >= {"train_loss", "val_loss", "tokens", "tokens_per_s"}
     assert m["metrics"]["tokens"] == 30 * 4 * 32
     assert m["metrics"]["val_loss"] < math.log(300) - 0.3  # learned something beyond uniform
+    assert m["dtype"]["requested"] == "auto" and m["dtype"]["device"] == (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    assert torch.cuda.is_available() or m["dtype"]["resolved"] == "float32"  # auto on a CPU, today's rule
     assert m["inputs"] == {"tokenizer": json.loads((run / "tokenizer" / "manifest.json").read_text())["fingerprint"]}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,7 +197,8 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tokenized):
     (latest / "optimizer.bin").write_bytes((latest / "optimizer.bin").read_bytes()[:100])  # truncated
     r = _stage("pretrain", cfg)
     assert r.returncode == 2
-    assert f"checkpoint {latest} is corrupt or truncated" in r.stderr
+    assert f"would resume from {latest}, which is corrupt" in r.stderr and "optimizer.bin" in r.stderr
+    assert f"mv {latest} {latest}.corrupt" in r.stderr  # found before torch.load, as the orchestrator finds it
     assert latest.exists() and all(torch.equal(_weights(run)[k], v) for k, v in artifact_before.items())
 
 
@@ -267,9 +277,105 @@ def test_deepspeed_zero2_two_processes_checkpoints_and_resumes(tmp_path, tokeniz
     assert exited is None, f"the launcher exited ({exited}) before it was killed:\n{err[-3000:]}"
     assert any(s >= 5 for s, _ in sd.list_checkpoints()), err[-3000:]
     assert not sd.manifest_path.exists()
+    # DeepSpeed's checkpoint loader unpickles: refused on every rank before anything is loaded (each rank exits 2,
+    # which torchrun reports as its own exit code 1), then allowed by the key
+    killed_at = sd.latest_complete().path
     r = _launch(cfg, "zero2.yaml", 2)
+    assert r.returncode != 0 and "resumed from" not in r.stderr, r.stderr[-3000:]
+    assert f"stage 'pretrain' would resume from {killed_at} under DeepSpeed" in r.stderr, r.stderr[-3000:]
+    assert f"{ALLOW_PICKLE_KEY}=true" in r.stderr
+    assert sd.latest_complete().path == killed_at and not sd.manifest_path.exists()  # nothing changed
+    r = _launch(cfg, "zero2.yaml", 2, f"{ALLOW_PICKLE_KEY}=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr
     m = json.loads(sd.manifest_path.read_text())
     assert m["metrics"]["steps"] == 150 and m["metrics"]["world_size"] == 2
     assert math.isfinite(m["metrics"]["val_loss"])
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one precision per process: start and leave in-process runs with none set."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_dtype_auto_on_a_bf16_cpu_is_logged_and_recorded_in_the_manifest(
+    tmp_path, tokenized, monkeypatch, caplog, fresh_accelerate
+):
+    """With the CPU features mocked (AMX-BF16) and the stage's rule switched to use it, ``auto`` trains in bf16
+    autocast on the CPU, and the manifest says what was asked, what it became and why."""
+    from accelerate.state import AcceleratorState
+
+    from pipeline import precision
+    from stages.pretrain import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rule applies without a GPU")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512f", "amx_tile", "amx_bf16"}))
+    monkeypatch.setitem(precision.CPU_AUTO_BF16, "pretrain", frozenset({"amx_bf16"}))
+    monkeypatch.setenv("PIPELINE_PROGRESS", "0")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", os.environ.get("ACCELERATE_USE_CPU", "false"))  # the stage sets it
+    cfg, run = _run_dir(tmp_path, tokenized, "bf16cpu", steps=5)
+    assert main(["--config", str(cfg)]) == 0
+    m = json.loads((run / "pretrain" / "manifest.json").read_text())
+    assert m["dtype"] == {
+        "requested": "auto",
+        "resolved": "bfloat16",
+        "device": "cpu",
+        "cpu_bf16": "amx_bf16",
+        "reason": "CPU with native bf16 (amx_bf16); pretrain uses it on amx_bf16",
+    }
+    assert math.isfinite(m["metrics"]["val_loss"])
+    # the same CPU under today's rule: float32, the feature still recorded
+    monkeypatch.setitem(precision.CPU_AUTO_BF16, "pretrain", frozenset())
+    AcceleratorState._reset_state()  # a new precision in the same process
+    cfg, run = _run_dir(tmp_path, tokenized, "f32cpu", steps=5)
+    assert main(["--config", str(cfg)]) == 0
+    rec = json.loads((run / "pretrain" / "manifest.json").read_text())["dtype"]
+    assert (rec["resolved"], rec["cpu_bf16"]) == ("float32", "amx_bf16")
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_with_muon_match_one_process(tmp_path, tokenized):
+    """Muon under DDP: each process steps Muon on the all-reduced gradients, so 2 processes x 2 sequences match
+    1 process x 2 sequences x 2 accumulation steps (up to summation order; measured: identical weights)."""
+    cfg1, run1 = _run_dir(tmp_path, tokenized, "one", steps=20)
+    r = _stage("pretrain", cfg1, "pretrain.batch_size=2", "pretrain.grad_accum=2", "pretrain.optimizer=muon")
+    assert r.returncode == 0, r.stderr
+    cfg2, run2 = _run_dir(tmp_path, tokenized, "two", steps=20)
+    r = _launch(cfg2, "ddp.yaml", 2, "pretrain.batch_size=2", "pretrain.optimizer=muon")
+    assert r.returncode == 0, r.stderr[-3000:]
+    l1, l2 = _losses(run1), _losses(run2)
+    assert len(l1) == len(l2) == 4
+    assert max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4, (l1, l2)
+    w1, w2 = _weights(run1), _weights(run2)
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+
+
+@pytest.mark.timeout(60)
+def test_time_to_loss_bench_quick_runs_at_a_microscopic_size(tmp_path, monkeypatch):
+    """``bench/time_to_loss.py --quick`` end to end (sweep, alternating repeats, summary, JSON, PNG) on a model of
+    one 16-wide layer for 6 steps; a few seconds. It checks the procedure, not any timing."""
+    spec = importlib.util.spec_from_file_location("time_to_loss", ROOT / "bench" / "time_to_loss.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    args = ["--quick", "--data", str(_text()), "--max-chars", "8000", "--n-layer", "1", "--n-head", "1",
+            "--n-embd", "16", "--block", "16", "--batch", "2", "--steps", "6", "--warmup", "2", "--eval-every", "3",
+            "--lrs", "3e-3", "1e-2", "--out", str(tmp_path)]  # fmt: skip
+    assert bench.main(args) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert [s["lr"] for s in r["sweep"]] == [3e-3, 1e-2]
+    assert r["target_loss"] == min(s["final_val_loss"] for s in r["sweep"])
+    assert r["best_lr"] == min(r["sweep"], key=lambda s: s["final_val_loss"])["lr"]
+    assert list(r["summary"]) == ["reference-adamw-fp32", "adamw-fp32", "adamw-bf16", "muon-fp32", "muon-bf16"]
+    assert r["summary"]["reference-adamw-fp32"]["ratio_to_reference"] == 1.0
+    assert [run["config"] for run in r["runs"]] == list(r["summary"])  # one repeat, the reference first
+    for run in r["runs"]:
+        assert [p[0] for p in run["curve"]] == [3, 6] and all(math.isfinite(p[2]) for p in run["curve"])
+        assert 0 < run["curve"][0][1] < run["curve"][1][1]  # training seconds grow, evaluation left out
+    assert (tmp_path / "val_loss_vs_time.png").stat().st_size > 1000

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.checkpoint import ALLOW_PICKLE_KEY
 from pipeline.config import ConfigError, SFTStageConfig, load_config
 from pipeline.data.tasks import generate_tasks
 from pipeline.runs import CHECKPOINT_MARKER, StageDir
@@ -485,6 +486,12 @@ def test_sigkilled_multiprocess_run_resumes(tok, tmp_path, accel):
     killed_at = sd.latest_checkpoint()
     assert killed_at is not None, err[-3000:]
     assert not sd.manifest_path.exists()
+    if accel.startswith("zero"):  # DeepSpeed's checkpoint loader unpickles: refused before any load, unless allowed
+        proc = subprocess.run(cmd, cwd=ROOT, env=_launch_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and not sd.manifest_path.exists(), proc.stderr[-4000:]
+        assert f"stage 'sft' would resume from {killed_at} under DeepSpeed" in proc.stderr, proc.stderr[-4000:]
+        assert f"{ALLOW_PICKLE_KEY}=true" in proc.stderr and sd.latest_checkpoint() == killed_at
+        cmd = [*cmd, f"{ALLOW_PICKLE_KEY}=true"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_launch_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads(sd.manifest_path.read_text())
@@ -501,6 +508,26 @@ def test_diverged_or_untrained_model_fails_the_stage_without_an_artifact(tok, tm
     cfg, argv = _prepare_run(tmp_path, tok, "nan", extra)
     assert stage.main(argv) != 0
     err = capsys.readouterr().err
-    assert "sft:" in err and "not finite after step" in err and "sft.lr" in err
+    assert "sft:" in err and "weights are not finite" in err and "sft.lr" in err
     sd = StageDir.of(cfg.run_dir, "sft")
     assert not sd.manifest_path.exists() and not (sd.artifact / "model.safetensors").exists()
+
+
+def test_a_divergence_stops_before_its_checkpoint_and_the_good_ones_stay(tok, tmp_path, capsys):
+    """Issue 17: checkpoints every step and no loss logged; the step whose weights went non-finite is not saved,
+    so resuming can only start from a good checkpoint."""
+    from safetensors.torch import load_file
+
+    from stages import sft as stage
+
+    extra = ["sft.lr=1e12", "sft.max_steps=6", "sft.logging_steps=10", "sft.save_steps=1", "sft.save_total_limit=0"]
+    cfg, argv = _prepare_run(tmp_path, tok, "nan_ckpt", extra)
+    assert stage.main(argv) != 0
+    err = capsys.readouterr().err
+    assert "sft: the weights are not finite at step" in err and "before the checkpoint of this step" in err
+    bad_step = int(err.split("not finite at step ")[1].split()[0])
+    sd = StageDir.of(cfg.run_dir, "sft")
+    kept = sd.list_checkpoints()
+    assert [s for s, _ in kept] == list(range(1, bad_step)) and not sd.manifest_path.exists()
+    for _, path in kept:
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(path / "model.safetensors").values())

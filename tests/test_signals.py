@@ -42,7 +42,7 @@ MICRO = {
     "reward": {"max_steps": 60, "batch_size": 8, "save_steps": 2, "logging_steps": 2, "norm_samples": 4,
                "norm_max_new_tokens": 4, "best_of_k": 2, "best_of_k_prompts": 4},
     "ppo": {"steps": 16, "rollout_batch_size": 4, "minibatch_size": 2, "ppo_epochs": 1, "max_new_tokens": 4,
-            "max_prompt_length": 48, "eval_interval": 100, "n_eval_prompts": 4, "n_samples": 2, "ckpt_interval": 2},
+            "max_prompt_length": 28, "eval_interval": 100, "n_eval_prompts": 4, "n_samples": 2, "ckpt_interval": 2},
 }  # fmt: skip
 UPSTREAM = {"pretrain": (), "sft": ("pretrain",), "reward": ("sft",), "ppo": ("tokenizer", "pretrain", "sft", "reward")}
 

@@ -267,6 +267,7 @@ def test_tokenizer_stage_end_to_end(tmp_path: Path, text: str) -> None:
         "data.corpus.num_proc=1",
         "tokenizer.vocab_size=400",
         "model.block_size=64",
+        "ppo.max_prompt_length=32",  # with the default 32 new tokens, within the context
     ]
     assert main(argv) == 0
     stage = tmp_path / "runs" / "tiny" / "tokenizer"

@@ -18,8 +18,16 @@ corpus, generated tasks, dataset specs), ``pretrain`` (model, pretraining), ``fi
 ``ppo``, ``run`` (the whole :class:`RunConfig`, the run, export and report sections, :func:`load_config`).
 """
 
-from .data import MAX_K_NEAR_MISSES_ONLY, CorpusConfig, DataConfig, DatasetSpec, TasksConfig, TokenizerConfig
-from .finetune import RewardStageConfig, SFTStageConfig
+from .data import (
+    MAX_K_NEAR_MISSES_ONLY,
+    TASK_KINDS,
+    CorpusConfig,
+    DataConfig,
+    DatasetSpec,
+    TasksConfig,
+    TokenizerConfig,
+)
+from .finetune import LR_SCHEDULERS, RewardStageConfig, SFTStageConfig
 from .ppo import PPOStageConfig
 from .pretrain import ModelConfig, PretrainConfig
 from .run import ExportConfig, ReportConfig, RunConfig, RunSection, load_config
@@ -31,6 +39,8 @@ __all__ = [
     "TokenizerConfig",
     "CorpusConfig",
     "MAX_K_NEAR_MISSES_ONLY",
+    "TASK_KINDS",
+    "LR_SCHEDULERS",
     "TasksConfig",
     "DataConfig",
     "ModelConfig",

@@ -9,6 +9,7 @@ from typing import Literal
 from .schema import ConfigError
 
 __all__ = [
+    "TASK_KINDS",
     "TokenizerConfig",
     "CorpusConfig",
     "MAX_K_NEAR_MISSES_ONLY",
@@ -90,6 +91,11 @@ MAX_K_NEAR_MISSES_ONLY = 4
 """The largest ``data.tasks.responses_per_prompt`` every task kind can fill with near misses alone."""
 
 
+TASK_KINDS: tuple[str, ...] = ("add", "spell", "reverse", "sort", "count", "say")
+"""The generated task families (``pipeline.data.tasks.FAMILIES``, which is checked to have these names), known here
+so that a wrong name in ``data.tasks.kinds`` stops the run at load time."""
+
+
 @dataclass(frozen=True)
 class TasksConfig:
     """The embedded, generated instruction tasks (Q&A, ranked responses, PPO prompts)."""
@@ -152,6 +158,9 @@ class TasksConfig:
             problems.append(f"data.tasks.max_word_len must be in 3..8, got {self.max_word_len}")
         if not self.kinds or len(set(self.kinds)) != len(self.kinds):
             problems.append(f"data.tasks.kinds must be non-empty without repeats, got {list(self.kinds)}")
+        unknown = [k for k in self.kinds if k not in TASK_KINDS]
+        if unknown:
+            problems.append(f"data.tasks.kinds: unknown task kind(s) {unknown}; valid kinds: {', '.join(TASK_KINDS)}")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -180,3 +189,12 @@ class DatasetSpec:
     max_records: int = 0
     """0: all records."""
     on_bad_record: Literal["error", "skip"] = "error"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_records < 0:
+            problems.append(f"max_records must be >= 0 (0: all records), got {self.max_records}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if problems:
+            raise ConfigError("; ".join(problems))

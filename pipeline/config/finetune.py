@@ -9,7 +9,39 @@ from typing import Any, Literal
 from .data import DatasetSpec
 from .schema import ConfigError
 
-__all__ = ["SFTStageConfig", "RewardStageConfig"]
+__all__ = ["SFTStageConfig", "RewardStageConfig", "LR_SCHEDULERS"]
+
+LR_SCHEDULERS: tuple[str, ...] = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+"""transformers' scheduler names (``transformers.SchedulerType``; a test keeps the two equal), checked at load time
+so that a typo stops the run before pretraining, not when SFT starts."""
+_SCHEDULERS_WITH_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+"""Schedulers that need ``lr_scheduler_kwargs`` (a minimum learning rate, or the decay steps)."""
+
+
+def _scheduler_problem(section: str, name: str, trainer_args: dict[str, Any] | None) -> str | None:
+    if name not in LR_SCHEDULERS:
+        return f"{section}.lr_scheduler={name!r} is not a transformers scheduler; valid: {', '.join(LR_SCHEDULERS)}"
+    if name in _SCHEDULERS_WITH_KWARGS and not (trainer_args or {}).get("lr_scheduler_kwargs"):
+        where = (
+            f"{section}.trainer_args.lr_scheduler_kwargs"
+            if trainer_args is not None
+            else f"lr_scheduler_kwargs, which {section} has no key for; use another scheduler"
+        )
+        return f"{section}.lr_scheduler={name} needs its arguments (a minimum lr or the decay steps) in {where}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -73,6 +105,13 @@ class SFTStageConfig:
             problems.append(f"sft.lr must be > 0, got {self.lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append(f"sft.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            problems.append(f"sft.weight_decay must be >= 0, got {self.weight_decay}")
+        sched = _scheduler_problem(
+            "sft", self.lr_scheduler, self.trainer_args if isinstance(self.trainer_args, dict) else {}
+        )
+        if sched:
+            problems.append(sched)
         if self.save_total_limit == 1 or self.save_total_limit < 0:
             problems.append(f"sft.save_total_limit must be 0 (keep all) or >= 2, got {self.save_total_limit}")
         if not isinstance(self.trainer_args, dict):
@@ -173,6 +212,13 @@ class RewardStageConfig:
                 problems.append(f"reward.{k} must be >= 0, got {getattr(self, k)}")
         if self.lr <= 0:
             problems.append(f"reward.lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"reward.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            problems.append(f"reward.weight_decay must be >= 0, got {self.weight_decay}")
+        sched = _scheduler_problem("reward", self.lr_scheduler, None)
+        if sched:
+            problems.append(sched)
         if self.max_steps < 1 and self.max_steps != -1:
             problems.append(f"reward.max_steps must be -1 (use epochs) or >= 1, got {self.max_steps}")
         if self.max_steps == -1 and self.epochs <= 0:

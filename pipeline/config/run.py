@@ -32,6 +32,21 @@ class RunSection:
     seed: int = 1337
     root: str = "runs"
     """Folder that holds every run."""
+    allow_pickle_checkpoints: bool = False
+    """Resume under DeepSpeed (``LAUNCH=zero2|zero3``) loads DeepSpeed's own checkpoint files, which DeepSpeed reads
+    with ``torch.load(weights_only=False)``: unpickling, which can run code from a tampered file. Off: such a resume
+    is refused with this key named; so is an export from a raw ZeRO checkpoint folder (DeepSpeed's zero_to_fp32
+    reads it the same way). Every other checkpoint this project reads is loaded with ``weights_only=True``.
+    Turning it on only lets a resume read checkpoints; it changes no result (not fingerprinted)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"run.seed must be in [0, 2**32) (numpy's seed range), got {self.seed}")
+        if not self.name or self.name in (".", "..") or "/" in self.name or "\\" in self.name:
+            problems.append(f"run.name must be a plain folder name (no '/', not '.' or '..'), got {self.name!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,35 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.run.root) / self.run.name
 
+    def __post_init__(self) -> None:
+        """Checks across sections, at load time: a value that would only fail when its stage starts (after the
+        stages before it have spent their time) is refused here. Context lengths are checked where the model is
+        this run's own GPT (no ``init_from``/``policy_from`` in the chain); another model's context is only
+        known when it is loaded, and its stage checks it then."""
+        problems = []
+        own = self.model.block_size if not self.pretrain.init_from else None
+        if own is not None and self.pretrain.block_size > own:
+            problems.append(
+                f"pretrain.block_size={self.pretrain.block_size} exceeds model.block_size={own} (the context)"
+            )
+        sft_ctx = own if not self.sft.init_from else None
+        reward_ctx = sft_ctx if not self.reward.init_from else None
+        ppo_ctx = sft_ctx if not self.ppo.policy_from else None
+        for key, value, ctx in (
+            ("sft.max_length", self.sft.max_length, sft_ctx),
+            ("reward.max_length", self.reward.max_length, reward_ctx),
+        ):
+            if ctx is not None and value > ctx:
+                problems.append(f"{key}={value} exceeds the model's context, model.block_size={ctx}")
+        need = self.ppo.max_prompt_length + self.ppo.max_new_tokens
+        if ppo_ctx is not None and need > ppo_ctx:
+            problems.append(
+                f"ppo.max_prompt_length + ppo.max_new_tokens = {self.ppo.max_prompt_length} + "
+                f"{self.ppo.max_new_tokens} = {need} exceeds the policy's context, model.block_size={ppo_ctx}"
+            )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
 
 def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
     parts = dotted.split(".")
@@ -139,7 +183,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{dotted}={raw}': not a valid value: {e}") from None
+        if raw.lstrip()[:1] in ("[", "{", '"', "'"):  # meant as a YAML list, mapping or quoted string
+            raise ConfigError(f"override '{dotted}={raw}': not a valid value: {e}") from None
+        node[parts[-1]] = raw  # text YAML cannot read as a plain scalar (a glob like *.txt, @name): the text itself
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -160,7 +206,12 @@ def _read_yaml(p: Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        loaded = strict_yaml_load(p.read_text())
+        loaded = strict_yaml_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        line = p.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{p}:{line}: not valid UTF-8 (byte 0x{e.object[e.start]:02x}); save the file as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     except ConfigError as e:

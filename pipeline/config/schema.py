@@ -47,8 +47,22 @@ def strict_yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 -- a SafeLoader subclass
 
 
+_ALIASES = {
+    "learning_rate": "lr",
+    "lr_scheduler_type": "lr_scheduler",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "num_train_epochs": "epochs",
+    "max_grad_norm": "grad_clip",
+}
+"""Common names from other trainers (transformers' TrainingArguments) for keys that have a name of their own here."""
+
+
 def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    """The valid key a mistyped ``name`` most likely meant: a known alias, else a close spelling, else nothing."""
+    if _ALIASES.get(name) in options:
+        return _ALIASES[name]
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
     return match[0] if match else ""
 
 

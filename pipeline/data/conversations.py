@@ -44,7 +44,7 @@ class ChatRecord(TaskFields):
 
 SFTData = Split[ChatRecord]
 """The SFT records of a run (:func:`load_sft_data`)."""
-_RULES: SplitRules[ChatRecord] = SplitRules("SFT records", ("sft_train", "sft_eval"))
+_RULES: SplitRules[ChatRecord] = SplitRules("SFT records", ("sft_train", "sft_eval"), section="sft.dataset")
 
 
 def _from_messages(data: dict[str, Any], where: str) -> list[Message]:

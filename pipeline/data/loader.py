@@ -10,12 +10,18 @@ with its own normaliser and :class:`SplitRules`, into the one result type :class
   ``on_bad_record: skip``), the held-out records coming from ``eval_source`` (split ``eval_split``, default
   ``split``) or, when that is empty, carved off the training records with a seeded shuffle
   (:func:`carve_held_out`, or :func:`carve_held_out_by` a key such as the prompt).
+
+A Hub dataset that cannot be loaded (the Hub unreachable, offline mode, no such dataset, an unknown split or
+config) is a ``StageError`` naming the config key (``sft.dataset.source``), the dataset and the cause
+(:func:`hub_dataset_error`), for every stage alike.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -23,8 +29,9 @@ from typing import Any, Generic, TypeVar
 from pipeline.config import DatasetSpec, TasksConfig
 from pipeline.data.records import BadRecord, Record, SkipCounter, normalise_all, read_records
 from pipeline.data.tasks import generate_tasks
+from pipeline.runs import StageError
 
-__all__ = ["Split", "SplitRules", "load_split", "carve_held_out", "carve_held_out_by"]
+__all__ = ["Split", "SplitRules", "load_split", "carve_held_out", "carve_held_out_by", "hub_dataset_error"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +71,8 @@ class SplitRules(Generic[T]):
     responses); None: record by record."""
     cap_held_out: bool = True
     """``max_records`` also limits the records read from ``eval_source``."""
+    section: str = "dataset"
+    """The config section of the ``DatasetSpec`` (``sft.dataset``), for messages."""
 
 
 def load_split(
@@ -85,6 +94,7 @@ def load_split(
         BadRecord: a bad record in ``on_bad_record: error`` mode (names file, line/row and field), or no
             usable training record.
         FileNotFoundError: a local source does not exist.
+        StageError: a Hub source cannot be loaded (:func:`hub_dataset_error`).
     """
     out: Split[T] = Split([], [], source=spec.source)
 
@@ -92,6 +102,16 @@ def load_split(
         normalised, skipped = normalise_all(records, normalise, spec.on_bad_record)
         _count(skipped, split, out)
         return normalised
+
+    def read(key: str, source: str, split: str, cap: int, name: str) -> list[T]:
+        try:
+            return keep(read_records(source, split, spec.hub_config, cap), name)
+        except BadRecord:
+            raise
+        except Exception as e:  # the Hub, its cache or the datasets library: anywhere in the reading
+            if source.startswith("hub:") and _is_hub_failure(e):
+                raise hub_dataset_error(f"{rules.section}.{key}", source, split, spec.hub_config, e) from None
+            raise
 
     if spec.source == "default":
         sets = generate_tasks(tasks)
@@ -101,12 +121,10 @@ def load_split(
         if spec.max_records:
             out.train = out.train[: spec.max_records]
     else:
-        out.train = keep(read_records(spec.source, spec.split, spec.hub_config, spec.max_records), "train")
+        out.train = read("source", spec.source, spec.split, spec.max_records, "train")
         if spec.eval_source:
             cap = spec.max_records if rules.cap_held_out else 0
-            out.held_out = keep(
-                read_records(spec.eval_source, spec.eval_split or spec.split, spec.hub_config, cap), "eval"
-            )
+            out.held_out = read("eval_source", spec.eval_source, spec.eval_split or spec.split, cap, "eval")
         elif rules.group_by is not None:
             out.train, out.held_out = carve_held_out_by(out.train, rules.group_by, spec.eval_fraction, seed)
         else:
@@ -122,6 +140,45 @@ def load_split(
     if not out.train:
         raise BadRecord(f"{spec.source}: no usable {rules.what} (skipped {out.skipped} bad ones)")
     return out
+
+
+def _is_hub_failure(e: Exception) -> bool:
+    """An error of loading a Hub dataset (not a bug of ours): network, cache and HTTP errors (``OSError``: the
+    ``ConnectionError`` of an unreachable Hub or of offline mode, ``DatasetNotFoundError``), a ``ValueError`` such
+    as an unknown split or config, or any error of the ``datasets`` library."""
+    datasets_error = getattr(sys.modules.get("datasets.exceptions"), "DatasetsError", ())
+    return isinstance(e, (OSError, ValueError, datasets_error))
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def hub_dataset_error(key: str, source: str, split: str, hub_config: str, e: Exception) -> StageError:
+    """The error for a Hub dataset (``source`` = ``hub:<name>``, the value of config key ``key``) that did not load
+    with exception ``e``: the key, the dataset, the split (and config) and the cause in words.
+
+    >>> print(hub_dataset_error("sft.dataset.source", "hub:org/qa", "train", "", ConnectionError("no route")))
+    ... # doctest: +ELLIPSIS
+    sft.dataset.source='hub:org/qa': cannot load the Hub dataset 'org/qa' (split 'train'): ...(no route)
+    """
+    name = source.removeprefix("hub:")
+    what = f"split {split!r}" + (f", config {hub_config!r}" if hub_config else "")
+    found = type(e).__name__
+    if found == "DatasetNotFoundError":
+        cause = f"no such dataset on the Hub, or it is private or gated (log in with `hf auth login`) ({e})"
+    elif isinstance(e, ConnectionError) and _offline():
+        cause = (
+            "offline mode is on (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) and the dataset is not in the local datasets "
+            f"cache; download it once with network access, or use a local file ({e})"
+        )
+    elif isinstance(e, ConnectionError):
+        cause = f"the Hub could not be reached; check the network, or use a local file ({e})"
+    else:
+        cause = f"{found}: {e}"
+    return StageError(f"{key}={source!r}: cannot load the Hub dataset {name!r} ({what}): {cause}")
 
 
 def _in_memory(records: list[dict[str, Any]], name: str) -> Iterable[Record]:

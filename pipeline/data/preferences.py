@@ -338,7 +338,11 @@ def _prompt_key(group: PreferenceGroup) -> str:
 
 
 _RULES: SplitRules[PreferenceGroup] = SplitRules(
-    "preference records", ("reward_train", "reward_eval"), group_by=_prompt_key, cap_held_out=False
+    "preference records",
+    ("reward_train", "reward_eval"),
+    group_by=_prompt_key,
+    cap_held_out=False,
+    section="reward.dataset",
 )
 
 

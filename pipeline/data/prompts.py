@@ -45,7 +45,7 @@ class PromptRecord(TaskFields):
 
 PromptData = Split[PromptRecord]
 """The PPO prompts of a run (:func:`load_prompts`)."""
-_RULES: SplitRules[PromptRecord] = SplitRules("PPO prompts", ("ppo_train", "ppo_eval"))
+_RULES: SplitRules[PromptRecord] = SplitRules("PPO prompts", ("ppo_train", "ppo_eval"), section="ppo.dataset")
 
 
 def normalise_prompt(rec: Record) -> PromptRecord:

@@ -190,7 +190,7 @@ def _loads(text: str, where: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadRecord(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise BadRecord(f"{where}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
 
 
 def _as_object(obj: Any, where: str) -> dict[str, Any]:

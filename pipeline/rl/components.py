@@ -18,6 +18,7 @@ from pipeline.data.records import MAX_CHARS_PER_TOKEN, clip_turns, text_chars
 from pipeline.lm import stop_token_ids
 from pipeline.reward import RewardScorer, load_scorer
 from pipeline.runs import StageError
+from pipeline.training import without_tied_copies
 
 __all__ = [
     "PPOModels",
@@ -149,5 +150,5 @@ def save_policy(trainer: Any, tokenizer: Any, stop_ids: list[int], pad_id: int, 
     policy.generation_config = GenerationConfig(
         eos_token_id=list(stop_ids), pad_token_id=pad_id, bos_token_id=getattr(policy.config, "bos_token_id", None)
     )
-    policy.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+    policy.save_pretrained(out_dir, state_dict=without_tied_copies(policy, state), safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -105,7 +105,7 @@ def _jsonl_documents(path: Path, cfg: CorpusConfig, stats: CorpusStats) -> Itera
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                _bad(stats, cfg, f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})")
+                _bad(stats, cfg, f"{path}:{n}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})")
                 continue
             text = _text_of(obj, f"{path}:{n}", cfg, stats)
             if text is not None:
