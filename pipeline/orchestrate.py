@@ -211,6 +211,7 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
             if st.step
             else "starting again (stopped before its first checkpoint)",
             "stale": "forced: moving the old folder aside",
+            "done": "adding GGUF files",
         }.get(st.state, "starting")
         log.info("%-9s %s: %s", stage, what, " ".join(cmd))
         t0 = time.time()

@@ -95,8 +95,9 @@ def run_stage(
 ) -> int:
     """Run ``body`` as stage ``stage`` under the run-folder contract; returns a process exit code.
 
-    ``on_done``: called (main process, stage folder locked) when the stage is already done, for outputs derived
-    from the artifact that the current config asks for and the done stage lacks (the export's GGUF files).
+    ``on_done``: called (main process) when the stage is already done, for outputs derived from the artifact that
+    the current config asks for and the done stage lacks (the export's GGUF files); it takes the folder's lock
+    (``StageDir.lock``) before it writes.
     """
     setup_logging()
     configure_process()
@@ -111,7 +112,6 @@ def run_stage(
         if state == "done":
             log.info("%s: already done (%s), nothing to do", stage, sd.manifest_path)
             if on_done is not None and is_main_process():
-                sd.lock()
                 on_done(StageContext(cfg, stage, sd, fps[stage], {}, state, args.config, tuple(args.overrides)))
             return 0
         inputs = {}

@@ -99,6 +99,7 @@ def _add_gguf(ctx: StageContext) -> None:
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    ctx.dir.lock()  # held until this process exits; a second process is refused, naming this one
     log.info("export: done; adding the GGUF files it lacks (%s)", ", ".join(missing_gguf(cfg)))
     model = AutoModelForCausalLM.from_pretrained(ctx.dir.artifact, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(ctx.dir.artifact)
