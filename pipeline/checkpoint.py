@@ -22,10 +22,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .provenance import deepspeed_launch
 from .runs import TRAINER_STATE, StageDir, StageError, atomic_write_json
 
 if TYPE_CHECKING:
@@ -146,16 +146,14 @@ def refuse_pickle_resume(stage_dir: StageDir, allow_pickle: bool, deepspeed: boo
     Args:
         stage_dir: the stage folder about to be resumed.
         allow_pickle: ``run.allow_pickle_checkpoints``.
-        deepspeed: whether this process runs under DeepSpeed; None: read from ``ACCELERATE_USE_DEEPSPEED``, which
-            ``accelerate launch`` sets for a DeepSpeed config (what ``pipeline.launch.deepspeed_launch`` reads;
-            that module imports torch, this one must not).
+        deepspeed: whether this process runs under DeepSpeed; None: ``pipeline.provenance.deepspeed_launch``.
 
     Raises:
         StageError: a DeepSpeed launch would load a checkpoint and ``allow_pickle`` is off (names the stage, the
             folder, why, and the key that allows it).
     """
     if deepspeed is None:
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        deepspeed = deepspeed_launch()
     err = pickle_resume_error(stage_dir, allow_pickle, deepspeed)
     if err is not None:
         raise err

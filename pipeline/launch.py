@@ -16,6 +16,8 @@ import os
 import torch
 from accelerate import PartialState
 
+from .provenance import deepspeed_launch
+
 __all__ = ["is_main_process", "world_size", "deepspeed_launch", "launch_kind", "configure_process"]
 
 
@@ -27,11 +29,6 @@ def is_main_process() -> bool:
 def world_size() -> int:
     """Processes in the launch (``WORLD_SIZE``; 1 outside a distributed launch)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def deepspeed_launch() -> bool:
-    """Whether ``accelerate launch`` started this process under DeepSpeed."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
 def launch_kind() -> str:

@@ -220,8 +220,9 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
             rc = 128 - rc if rc < 0 else rc
             raise _StageFailed(stage, rc, _disk_hint(cfg))
         after = stage_status(cfg, stage, fps)
-        if stage == "export" and after.state == "done" and missing_gguf(cfg):
-            raise StageError(f"stage 'export' exited 0 without the GGUF files {missing_gguf(cfg)} in {after.path}")
+        still = missing_gguf(cfg) if stage == "export" and after.state == "done" else []
+        if still:
+            raise StageError(f"stage 'export' exited 0 without the GGUF files {still} in {after.path}")
         if after.state != "done":
             raise StageError(
                 f"stage '{stage}' exited 0 but is {after.state}: no manifest with fingerprint {fps[stage]} in {after.path}"

@@ -139,3 +139,9 @@ class ContentHashes:
             self._dirty = False
         except OSError:
             pass
+
+
+def deepspeed_launch() -> bool:
+    """Whether ``accelerate launch`` started this process under DeepSpeed (it sets ``ACCELERATE_USE_DEEPSPEED`` for a
+    DeepSpeed config). Here, without torch, so that config loading and the orchestrator's imports can ask it too."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

@@ -95,12 +95,13 @@ def _add_gguf(ctx: StageContext) -> None:
     write them from its HF directory, prove them like :func:`_body` does, and record them in its manifest. The HF
     directory and the stage's fingerprint are unchanged."""
     cfg = ctx.cfg
-    if "gguf" not in cfg.export.formats or not missing_gguf(cfg):
+    lacking = missing_gguf(cfg)  # empty without gguf in export.formats
+    if not lacking:
         return
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ctx.dir.lock()  # held until this process exits; a second process is refused, naming this one
-    log.info("export: done; adding the GGUF files it lacks (%s)", ", ".join(missing_gguf(cfg)))
+    log.info("export: done; adding the GGUF files it lacks (%s)", ", ".join(lacking))
     model = AutoModelForCausalLM.from_pretrained(ctx.dir.artifact, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(ctx.dir.artifact)
     gguf = _gguf(cfg, ctx.dir.root, ctx.dir.artifact, model, tokenizer)

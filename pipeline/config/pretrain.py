@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..provenance import deepspeed_launch
 from .schema import ConfigError, to_dict
 
 __all__ = ["ModelConfig", "PretrainConfig", "MUON_UNDER_ZERO"]
@@ -143,9 +143,8 @@ class PretrainConfig:
             problems.append(f"pretrain.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
         if self.muon_momentum_warmup_steps < 0:
             problems.append(f"pretrain.muon_momentum_warmup_steps must be >= 0, got {self.muon_momentum_warmup_steps}")
-        # the launch is known here inside a stage process (accelerate launch sets this variable, as
-        # pipeline.launch.deepspeed_launch reads it): refuse before the stage folder is touched
-        if self.optimizer == "muon" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # the launch is known here inside a stage process: refuse before the stage folder is touched
+        if self.optimizer == "muon" and deepspeed_launch():
             problems.append(MUON_UNDER_ZERO)
         return problems
 
