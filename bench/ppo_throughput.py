@@ -83,24 +83,75 @@ def run_ours(args: argparse.Namespace) -> dict:
         reward_stats=load_reward_stats(reward_from),
         seed=0,
     )
+    clock = PhaseClock()
+    tr.sample = clock.wrap("generation", tr.sample)
+    tr.rollout = clock.wrap("rollout", tr.rollout)
     order = list(range(len(prompts)))
     times, tokens = [], 0
     for step in range(args.warmup + args.steps):
         q, qm = tr._prompt_batch(prompts, order)
+        if step == args.warmup:
+            clock.reset()
         t0 = time.perf_counter()
         stats = tr.train_step(q, qm)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             tokens += stats["response_length"] * c.rollout_batch_size
     wall = sum(times)
+    phases = clock.per_step(args.steps)
+    # the rollout is generation + scoring (the policy/value, reference and reward forwards)
+    phases["scoring"] = phases.pop("rollout") - phases["generation"]
     return {
         "impl": "ours",
         "prompts_per_s": args.steps * c.prompts_per_step / wall,
         "rollout_tokens_per_s": tokens / wall,
         "step_s": wall / args.steps,
         "response_length": tokens / (args.steps * c.rollout_batch_size),
+        "phases_s": _phases(phases, wall / args.steps),
         "settings": _settings(c),
     }
+
+
+class PhaseClock:
+    """Seconds spent inside wrapped functions, by phase (a call nested in another phase's call counts in both)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def wrap(self, phase: str, fn, when=None):
+        self.seconds.setdefault(phase, 0.0)
+
+        def timed(*a, **kw):
+            if when is not None and not when():
+                return fn(*a, **kw)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.seconds[phase] += time.perf_counter() - t0
+
+        return timed
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        return {k: v / steps for k, v in self.seconds.items()}
+
+
+def _phases(phases: dict[str, float], step_s: float) -> dict[str, float]:
+    """Seconds per step in generation, scoring, and training: the rest of the step (advantages, the PPO epochs'
+    forward/backward/optimizer steps, statistics), measured the same way on both sides."""
+    return {
+        "generation": phases["generation"],
+        "scoring": phases["scoring"],
+        "training": step_s - phases["generation"] - phases["scoring"],
+    }
+
+
+def _format_phases(result: dict) -> str:
+    p, step = result["phases_s"], result["step_s"]
+    return f"step {step:.3f}: " + ", ".join(f"{k} {v:.3f} ({v / step:.0%})" for k, v in p.items())
 
 
 def _settings(c) -> dict:
@@ -126,8 +177,16 @@ def run_trl(args: argparse.Namespace, settings: dict) -> dict:
         TrainerCallback,
     )
     from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
 
     torch.set_num_threads(args.threads)
+    # phases: generation (batch_generation), scoring (the reference, value and reward forwards under no_grad);
+    # training is the rest of the step up to its last optimizer step (every forward/backward with gradients)
+    phase_clock = PhaseClock()
+    trl_ppo.batch_generation = phase_clock.wrap("generation", trl_ppo.batch_generation)
+    no_grad = lambda: not torch.is_grad_enabled()  # noqa: E731
+    trl_ppo.forward = phase_clock.wrap("scoring", trl_ppo.forward, when=no_grad)
+    trl_ppo.get_reward = phase_clock.wrap("scoring", trl_ppo.get_reward, when=no_grad)
     fx = Path(args.fixtures)
     tok = AutoTokenizer.from_pretrained(fx / "policy")
     tok.padding_side = "left"
@@ -143,6 +202,8 @@ def run_trl(args: argparse.Namespace, settings: dict) -> dict:
 
         def on_step_end(self, a, state, control, **kw):
             self.ticks.append(time.perf_counter())
+            if len(self.ticks) == args.warmup:
+                phase_clock.reset()
 
     clock = Clock()
     out = tempfile.mkdtemp()
@@ -189,10 +250,12 @@ def run_trl(args: argparse.Namespace, settings: dict) -> dict:
     if len(ticks) < n_steps:
         raise RuntimeError(f"TRL reported {len(ticks)} steps, expected {n_steps}")
     wall = ticks[-1] - ticks[args.warmup - 1] if args.warmup else ticks[-1] - clock.t0
+    phases = phase_clock.per_step(args.steps)
     return {
         "impl": f"trl {trl.__version__}",
         "prompts_per_s": args.steps * B / wall,
         "step_s": wall / args.steps,
+        "phases_s": _phases(phases, wall / args.steps),
         "settings": settings,
     }
 
@@ -309,6 +372,9 @@ def main() -> None:
     ours = _median(runs["ours"])
     trl_result = _median(runs["trl"]) if runs["trl"] else None
     print(f"ours: {ours['prompts_per_s']:.1f} prompts/s, {ours['rollout_tokens_per_s']:.0f} rollout tokens/s (median)")
+    for side, results in runs.items():
+        if results:
+            print(f"{side} seconds per step (median run's): {_format_phases(_median(results))}")
     if trl_result:
         print(
             f"TRL:  {trl_result['prompts_per_s']:.1f} prompts/s -> {ours['prompts_per_s'] / trl_result['prompts_per_s']:.2f}x"

@@ -7,6 +7,7 @@ import signal
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -17,7 +18,15 @@ import pipeline.rl.rollout
 import pipeline.rl.scores
 from pipeline.checkpoint import ALLOW_PICKLE_KEY
 from pipeline.config import ConfigError, PPOStageConfig
-from pipeline.lm import disable_dropout, fuse_activations, left_pad, response_logprobs, truncate_after_stop
+from pipeline.lm import (
+    concat_inputs,
+    disable_dropout,
+    fuse_activations,
+    left_pad,
+    response_logits,
+    response_logprobs,
+    truncate_after_stop,
+)
 from pipeline.reward import ProgrammaticReward, ScalarReward
 from pipeline.reward.scalar import sequence_scores, token_scores
 from pipeline.rl.gae import masked_mean
@@ -207,6 +216,44 @@ def test_rollout_masks_and_kl_zero_when_policy_is_reference():
     stats = tr.update(ro)
     assert stats["kl"] == 0.0 and stats["non_score_reward"] == 0.0
     torch.testing.assert_close(ro.scores, count_target(None, None, ro.response_ids, ro.response_mask))
+
+
+def test_logged_entropy_is_the_sampling_policys_and_the_epochs_compute_none():
+    """The entropy statistic comes from the rollout's forward (the policy that sampled): the masked mean of
+    H(softmax(logits / temperature)) over response tokens. The PPO epochs compute no entropy unless a bonus trains."""
+    tr = make_trainer(temperature=0.7)
+    q, qm = left_pad(PROMPTS, PAD)
+    ro = tr.rollout(q, qm)
+    with torch.no_grad():
+        logits = response_logits(tr.unwrapped.policy, q, qm, ro.response_ids, ro.response_mask, 0.7)
+        manual = -(F.log_softmax(logits, -1).exp() * F.log_softmax(logits, -1)).sum(-1)
+    mask = ro.response_mask.bool()
+    torch.testing.assert_close(ro.entropy[mask], manual[mask])
+    assert (ro.entropy[~mask] == 0).all()
+    calls = []
+    real = pipeline.rl.rollout.entropy_from_logits
+    pipeline.rl.rollout.entropy_from_logits = lambda x: calls.append(x.requires_grad) or real(x)
+    try:
+        stats = tr.update(ro)
+        assert calls == []  # no (B, T, V) softmax in the epochs without an entropy bonus
+        assert stats["entropy"] == pytest.approx(manual[mask].mean().item(), rel=1e-6)
+        bonus = make_trainer(temperature=0.7, entropy_coef=0.01)
+        bonus.update(bonus.rollout(q, qm))
+        assert calls[0] is False and calls[1:] == [True] * 4  # the rollout's statistic, then one per minibatch
+    finally:
+        pipeline.rl.rollout.entropy_from_logits = real
+
+
+def test_response_logits_at_temperature_one_are_the_models_logits():
+    policy, _ = tiny_models()
+    q, qm = left_pad(PROMPTS[:3], PAD)
+    r = torch.tensor([[4, 5, 6], [7, 8, 1], [9, 1, 1]])
+    rm = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])
+    ids, am, pos = concat_inputs(q, qm, r, rm)
+    full = policy(input_ids=ids, attention_mask=am, position_ids=pos).logits
+    P = q.shape[1]
+    assert torch.equal(response_logits(policy, q, qm, r, rm), full[:, P - 1 : P - 1 + 3])
+    torch.testing.assert_close(response_logits(policy, q, qm, r, rm, 2.0), full[:, P - 1 : P - 1 + 3] / 2.0)
 
 
 def test_first_minibatch_has_ratio_one_and_later_ones_move():

@@ -50,6 +50,8 @@ class Rollout:
     (:func:`pipeline.rl.scores.final_scores`)."""
     ended: torch.Tensor
     """(B,) bool: the response ended with the end-of-turn token (not another stop token, nor the length limit)."""
+    entropy: torch.Tensor | None = None
+    """(B, T) entropy of the sampling policy's next-token distribution at each response position (a statistic)."""
     advantages: torch.Tensor | None = None
     """(B, T) GAE advantages (whitened when configured), set by the trainer before the PPO epochs."""
     returns: torch.Tensor | None = None
@@ -66,7 +68,8 @@ class Rollout:
         t1 = max(int(sub["response_mask"].sum(1).max()), 1)
         for name in ("query_ids", "query_mask"):
             sub[name] = sub[name][:, q0:]
-        for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "advantages", "returns"):
+        for name in ("response_ids", "response_mask", "logprobs", "ref_logprobs", "values", "entropy", "advantages",
+                     "returns"):  # fmt: skip
             if sub[name] is not None:
                 sub[name] = sub[name][:, :t1]
         return Rollout(**sub)
@@ -105,19 +108,13 @@ class PolicyAndValue(nn.Module):
         temperature: float = 1.0,
         with_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Log-probs ``(B, T)``, values ``(B, T)`` and entropies ``(B, T)`` of the responses.
-
-        The entropy is differentiable when ``with_entropy`` (an entropy bonus is trained), a detached
-        statistic when gradients are on otherwise, and None under ``torch.no_grad()``.
+        """Log-probs ``(B, T)``, values ``(B, T)`` and, when ``with_entropy``, entropies ``(B, T)`` of the responses
+        (else None). The entropy is differentiable when gradients are on (an entropy bonus is trained); the rollout
+        computes it once as a statistic under ``torch.no_grad()``, so the PPO epochs need no ``(B, T, V)`` softmax.
         """
         logits = response_logits(self.policy, query_ids, query_mask, response_ids, response_mask, temperature)
         logprobs = logprobs_from_logits(logits, response_ids)
-        entropy = None
-        if with_entropy:
-            entropy = entropy_from_logits(logits)
-        elif torch.is_grad_enabled():  # a statistic only: no (B, T, V) softmax in the backward pass
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits)
+        entropy = entropy_from_logits(logits) if with_entropy else None
         if self.value_model is None:  # no critic: zero values, outside the graph
             return logprobs, torch.zeros_like(logprobs, requires_grad=False), entropy
         values = token_scores(self.value_model, query_ids, query_mask, response_ids, response_mask)

@@ -25,8 +25,9 @@ Departures (each deliberate):
 - Under several processes each process whitens its own advantages (as TRL does); the adaptive KL
   controller and every logged statistic use the mean over all processes.
 - Speed: GPT-2's Python ``gelu_new`` is swapped for torch's fused tanh-GELU (same function, float rounding
-  aside); the entropy is a graph-free statistic unless an entropy bonus is trained; only the response
-  positions go through the LM head; each minibatch is trimmed to its own longest prompt and response.
+  aside); the logged entropy is the sampling policy's, computed once in the rollout's forward (the PPO epochs
+  compute it only when an entropy bonus is trained); only the response positions go through the LM head;
+  each minibatch is trimmed to its own longest prompt and response.
 
 Usage::
 
@@ -187,12 +188,13 @@ class PPOTrainer:
         query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
         with self._generation_model() as policy:
             response_ids, response_mask, ended = self.sample(policy, query_ids, query_mask)
-        parts: dict[str, list[torch.Tensor]] = {"lp": [], "v": [], "ref": [], "raw": []}
+        parts: dict[str, list[torch.Tensor]] = {"lp": [], "v": [], "ent": [], "ref": [], "raw": []}
         for sl in self._chunks(len(query_ids)):
             q, qm, r, rm = query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl]
-            lp, v, _ = self.model(q, qm, r, rm, temperature=c.temperature)
+            lp, v, ent = self.model(q, qm, r, rm, temperature=c.temperature, with_entropy=True)
             parts["lp"].append(lp)
             parts["v"].append(v)
+            parts["ent"].append(ent)
             parts["ref"].append(self.ref_logprobs(q, qm, r, rm))
             parts["raw"].append(self.score(q, qm, r, rm))
         mask = response_mask.float()
@@ -209,6 +211,7 @@ class PPOTrainer:
             raw_scores=raw,
             scores=scores,
             ended=ended,
+            entropy=torch.cat(parts["ent"]).float() * mask,
         )
 
     # ------------------------------------------------------------------ update
@@ -224,21 +227,21 @@ class PPOTrainer:
             temperature=c.temperature,
             with_entropy=c.entropy_coef != 0,
         )
-        assert mb.advantages is not None and mb.returns is not None and entropy is not None
+        assert mb.advantages is not None and mb.returns is not None
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, c.cliprange)
-        ent = masked_mean(entropy, mask)
         # critic warm-up: the policy's terms times 0 keep every policy parameter in the graph (DDP reduces, and
         # DeepSpeed's hooks expect, a gradient for each) with zero gradients, which leave AdamW's zero moments
         # and, without weight decay, the weights exactly as they were; lr=0 instead would fill its moments
         warm = self.step < c.critic_warmup_steps
         loss = 0.0 * pg_loss if warm else pg_loss
-        parts = {"policy_loss": pg_loss, "entropy": ent, **pg_stats}
+        parts = {"policy_loss": pg_loss, **pg_stats}
         if c.advantage != "group":  # group advantages have no critic
             vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, c.cliprange_value)
             loss = loss + c.vf_coef * vf_loss
             parts.update(value_loss=vf_loss, **vf_stats)
         if c.entropy_coef:
-            loss = loss - (0.0 if warm else c.entropy_coef) * ent
+            assert entropy is not None
+            loss = loss - (0.0 if warm else c.entropy_coef) * masked_mean(entropy, mask)
         if not torch.isfinite(loss):
             losses = ", ".join(f"{k} {parts[k].item()}" for k in ("policy_loss", "value_loss") if k in parts)
             raise StageError(
@@ -286,6 +289,7 @@ class PPOTrainer:
         }
         seq_kl = kl.sum(1)
         stats.update(
+            entropy=masked_mean(ro.entropy, mask).item() if ro.entropy is not None else float("nan"),
             kl=seq_kl.mean().item(),
             non_score_reward=(-self.kl_ctl.value * seq_kl).mean().item(),
             advantage_mean=masked_mean(advantages, mask).item(),
