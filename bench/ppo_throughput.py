@@ -14,6 +14,11 @@ wall time. Both use the same settings: ``ppo.rollout_batch_size`` responses per 
 ``ppo.minibatch_size``, ``ppo.ppo_epochs`` epochs, ``ppo.max_new_tokens`` sampled tokens (temperature 1,
 no top-k/top-p), fp32, ``--threads`` torch threads. ``--impl ours|trl`` runs one side only (the TRL side
 imports nothing from ``pipeline``, so it runs in TRL's venv).
+
+Each side also reports its seconds per step by phase, measured the same way: generation (our ``sample``, TRL's
+``batch_generation``), scoring (the forwards under ``no_grad`` after generation: our policy+value, reference and
+reward model; TRL's reference, value and reward model), and training (the rest of the step: advantages and the PPO
+epochs).
 """
 
 from __future__ import annotations
