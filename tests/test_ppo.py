@@ -218,7 +218,7 @@ def test_rollout_masks_and_kl_zero_when_policy_is_reference():
     torch.testing.assert_close(ro.scores, count_target(None, None, ro.response_ids, ro.response_mask))
 
 
-def test_logged_entropy_is_the_sampling_policys_and_the_epochs_compute_none():
+def test_logged_entropy_is_the_sampling_policys_and_the_epochs_compute_none(monkeypatch):
     """The entropy statistic comes from the rollout's forward (the policy that sampled): the masked mean of
     H(softmax(logits / temperature)) over response tokens. The PPO epochs compute no entropy unless a bonus trains."""
     tr = make_trainer(temperature=0.7)
@@ -232,16 +232,13 @@ def test_logged_entropy_is_the_sampling_policys_and_the_epochs_compute_none():
     assert (ro.entropy[~mask] == 0).all()
     calls = []
     real = pipeline.rl.rollout.entropy_from_logits
-    pipeline.rl.rollout.entropy_from_logits = lambda x: calls.append(x.requires_grad) or real(x)
-    try:
-        stats = tr.update(ro)
-        assert calls == []  # no (B, T, V) softmax in the epochs without an entropy bonus
-        assert stats["entropy"] == pytest.approx(manual[mask].mean().item(), rel=1e-6)
-        bonus = make_trainer(temperature=0.7, entropy_coef=0.01)
-        bonus.update(bonus.rollout(q, qm))
-        assert calls[0] is False and calls[1:] == [True] * 4  # the rollout's statistic, then one per minibatch
-    finally:
-        pipeline.rl.rollout.entropy_from_logits = real
+    monkeypatch.setattr(pipeline.rl.rollout, "entropy_from_logits", lambda x: calls.append(x.requires_grad) or real(x))
+    stats = tr.update(ro)
+    assert calls == []  # no (B, T, V) softmax in the epochs without an entropy bonus
+    assert stats["entropy"] == pytest.approx(manual[mask].mean().item(), rel=1e-6)
+    bonus = make_trainer(temperature=0.7, entropy_coef=0.01)
+    bonus.update(bonus.rollout(q, qm))
+    assert calls[0] is False and calls[1:] == [True] * 4  # the rollout's statistic, then one per minibatch
 
 
 def test_response_logits_at_temperature_one_are_the_models_logits():
