@@ -309,7 +309,7 @@ def fresh_accelerate():
 def test_dtype_auto_on_a_bf16_cpu_is_logged_and_recorded_in_the_manifest(
     tmp_path, tokenized, monkeypatch, caplog, fresh_accelerate
 ):
-    """With the CPU features mocked (AMX-BF16) and the stage's rule switched to use it, ``auto`` trains in bf16
+    """With the CPU features mocked (AMX-BF16), ``auto`` trains in bf16
     autocast on the CPU, and the manifest says what was asked, what it became and why."""
     from accelerate.state import AcceleratorState
 
@@ -333,7 +333,7 @@ def test_dtype_auto_on_a_bf16_cpu_is_logged_and_recorded_in_the_manifest(
         "reason": "CPU with native bf16 (amx_bf16); pretrain uses it on amx_bf16",
     }
     assert math.isfinite(m["metrics"]["val_loss"])
-    # the same CPU under today's rule: float32, the feature still recorded
+    # the same CPU with AMX taken out of the stage's rule: float32, the feature still recorded
     monkeypatch.setitem(precision.CPU_AUTO_BF16, "pretrain", frozenset())
     AcceleratorState._reset_state()  # a new precision in the same process
     cfg, run = _run_dir(tmp_path, tokenized, "f32cpu", steps=5)
