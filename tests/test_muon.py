@@ -220,9 +220,10 @@ def test_dtype_auto_resolves_by_the_documented_rule(monkeypatch):
         assert (c.resolved, c.cpu_bf16, c.bf16) == (resolved, feature, resolved == "bfloat16")
         assert resolve_dtype("auto", "sft", device="cpu", cpu_feature=feature).resolved == "float32"  # not listed
     assert "no native bf16" in resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="").reason
-    assert "pretrain uses CPU bf16 on amx_bf16 only" in resolve_dtype(
-        "auto", "pretrain", device="cpu", cpu_feature="avx512_bf16"
-    ).reason
+    assert (
+        "pretrain uses CPU bf16 on amx_bf16 only"
+        in resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="avx512_bf16").reason
+    )
     # GPUs: bf16 where supported
     assert resolve_dtype("auto", "pretrain", device="cuda", cuda_bf16=True, cpu_feature="").resolved == "bfloat16"
     assert resolve_dtype("auto", "pretrain", device="cuda", cuda_bf16=False, cpu_feature="").resolved == "float32"
