@@ -8,10 +8,11 @@ The rule for ``auto``:
 - on a CUDA GPU: bf16 autocast when the GPU supports it (``torch.cuda.is_bf16_supported()``), else float32;
 - on a CPU: bf16 autocast when the CPU has a native bf16 feature that :data:`CPU_AUTO_BF16` lists for the stage
   (``amx_bf16``: Intel AMX tiles, Sapphire Rapids and later; ``avx512_bf16``: AVX512-BF16 dot products, Cooper
-  Lake, Zen 4 and later), else float32. A feature is listed for a stage only once a measurement shows bf16
-  reaching the same loss sooner there: today pretraining on AMX (``bench/time_to_loss.py --shape default``:
-  14-16% faster per step at equal final loss, ``bench/RESULTS.md``). AVX512-BF16 without AMX is not measured, so
-  it stays float32; every other stage is float32 on CPUs.
+  Lake, Zen 4 and later), else float32. A stage lists the features only once a measurement shows bf16 reaching
+  the same loss sooner there: today pretraining, measured on AVX512-BF16 without AMX (an AMD EPYC, Zen 4;
+  ``bench/time_to_loss.py --shape default``: 14-16% faster per step at an equal final loss, ``bench/RESULTS.md``).
+  CPUs with AMX also have AVX512-BF16 and oneDNN's bf16 matmuls use their tiles, so they are listed too (not
+  measured separately). Every other stage is float32 on CPUs.
 
 ``float32`` and ``bfloat16`` are taken as written (bf16 on a CPU without a native bf16 feature is emulated, and
 slow: the choice's ``reason`` says so). The stage logs :meth:`DtypeChoice.describe` and records
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
 """Native CPU bf16 features, best first (the names of the ``flags`` line of ``/proc/cpuinfo``)."""
 
-CPU_AUTO_BF16: dict[str, frozenset[str]] = {"pretrain": frozenset({"amx_bf16"})}
+CPU_AUTO_BF16: dict[str, frozenset[str]] = {"pretrain": frozenset({"amx_bf16", "avx512_bf16"})}
 """Per stage, the CPU bf16 features with which ``dtype: auto`` picks bf16 autocast on a CPU (each one measured
 faster to a given loss). A stage not listed, or a feature not in its set, is float32."""
 
@@ -108,7 +109,7 @@ def resolve_dtype(
 
     >>> resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="amx_bf16").resolved
     'bfloat16'
-    >>> resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="avx512_bf16").resolved
+    >>> resolve_dtype("auto", "sft", device="cpu", cpu_feature="avx512_bf16").resolved
     'float32'
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

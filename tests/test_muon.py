@@ -212,18 +212,16 @@ def test_cpu_bf16_feature_from_cpuinfo_flags(tmp_path, monkeypatch):
 
 
 def test_dtype_auto_resolves_by_the_documented_rule(monkeypatch):
-    # the rule: pretrain uses bf16 on AMX (measured faster to the same loss), float32 on other CPUs; other stages
-    # are float32 on every CPU; the feature is recorded all the same
-    expected = {"amx_bf16": "bfloat16", "avx512_bf16": "float32", "": "float32"}
+    # the rule: pretrain uses bf16 on CPUs with native bf16 (measured faster to the same loss), float32 on other CPUs;
+    # other stages are float32 on every CPU; the feature is recorded all the same
+    expected = {"amx_bf16": "bfloat16", "avx512_bf16": "bfloat16", "": "float32"}
     for feature, resolved in expected.items():
         c = resolve_dtype("auto", "pretrain", device="cpu", cpu_feature=feature)
         assert (c.resolved, c.cpu_bf16, c.bf16) == (resolved, feature, resolved == "bfloat16")
         assert resolve_dtype("auto", "sft", device="cpu", cpu_feature=feature).resolved == "float32"  # not listed
     assert "no native bf16" in resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="").reason
-    assert (
-        "pretrain uses CPU bf16 on amx_bf16 only"
-        in resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="avx512_bf16").reason
-    )
+    none = resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="").reason
+    assert none == "CPU with no native bf16; pretrain uses CPU bf16 on amx_bf16, avx512_bf16 only"
     # GPUs: bf16 where supported
     assert resolve_dtype("auto", "pretrain", device="cuda", cuda_bf16=True, cpu_feature="").resolved == "bfloat16"
     assert resolve_dtype("auto", "pretrain", device="cuda", cuda_bf16=False, cpu_feature="").resolved == "float32"
@@ -236,6 +234,8 @@ def test_dtype_auto_resolves_by_the_documented_rule(monkeypatch):
     monkeypatch.setitem(precision.CPU_AUTO_BF16, "pretrain", frozenset())
     assert resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="amx_bf16").resolved == "float32"
     monkeypatch.setitem(precision.CPU_AUTO_BF16, "pretrain", frozenset({"amx_bf16"}))
+    assert resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="amx_bf16").resolved == "bfloat16"
+    assert resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="avx512_bf16").resolved == "float32"
     # features come from the machine when not given (mocked here)
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
     rec = resolve_dtype("auto", "pretrain", device="cpu").record()

@@ -89,7 +89,7 @@ class PretrainConfig:
     grad_clip: float = 1.0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bf16 autocast on GPUs that support it; on a CPU, the rule of ``pipeline.precision.resolve_dtype`` for
-    this stage: bf16 on CPUs with AMX, where it was measured faster to the same loss, float32 on other CPUs. The stage
+    this stage: bf16 on CPUs with AVX512-BF16 or AMX (measured faster to the same loss), float32 on other CPUs. The stage
     logs the choice and records it in its manifest (``dtype``)."""
     compile: bool = False
     eval_interval: int = 100
