@@ -132,7 +132,9 @@ def test_stage_artifact_and_skip(tmp_path, tokenized):
     assert m["dtype"]["requested"] == "auto" and m["dtype"]["device"] == (
         "cuda" if torch.cuda.is_available() else "cpu"
     )
-    assert torch.cuda.is_available() or m["dtype"]["resolved"] == "float32"  # auto on a CPU, today's rule
+    from pipeline.precision import resolve_dtype
+
+    assert m["dtype"]["resolved"] == resolve_dtype("auto", "pretrain").resolved  # this machine's rule
     assert m["inputs"] == {"tokenizer": json.loads((run / "tokenizer" / "manifest.json").read_text())["fingerprint"]}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
