@@ -93,11 +93,11 @@ def test_fingerprints_follow_lineage():
 
 TINY_FINGERPRINTS = {
     "tokenizer": "44afcc818b816693",
-    "pretrain": "42540cbbd2fb6f57",
-    "sft": "7c8c9ea46c6f2d8d",
-    "reward": "4f053b3e58783550",
-    "ppo": "566026bdabd0c713",
-    "export": "1d6efdd23b81605b",
+    "pretrain": "51bb059f514aca07",
+    "sft": "a7a3f97ff459ccf0",
+    "reward": "a592a02107123a22",
+    "ppo": "b01ff8508738ce0b",
+    "export": "31e3c28ce4463481",
 }
 """configs/tiny.yaml's stage fingerprints: a change here means every finished tiny run is stale."""
 
