@@ -9,10 +9,12 @@ The rule for ``auto``:
 - on a CPU: bf16 autocast when the CPU has a native bf16 feature that :data:`CPU_AUTO_BF16` lists for the stage
   (``amx_bf16``: Intel AMX tiles, Sapphire Rapids and later; ``avx512_bf16``: AVX512-BF16 dot products, Cooper
   Lake, Zen 4 and later), else float32. A stage lists the features only once a measurement shows bf16 reaching
-  the same loss sooner there: today pretraining, measured on AVX512-BF16 without AMX (an AMD EPYC, Zen 4;
+  the same loss sooner there: today pretraining, measured on AVX512-BF16 without AMX (an AMD EPYC, Zen 4 or later;
   ``bench/time_to_loss.py --shape default``: 14-16% faster per step at an equal final loss, ``bench/RESULTS.md``).
-  CPUs with AMX also have AVX512-BF16 and oneDNN's bf16 matmuls use their tiles, so they are listed too (not
-  measured separately). Every other stage is float32 on CPUs.
+  CPUs with AMX also have AVX512-BF16 and oneDNN's bf16 matmuls use their tiles, so they are listed too, without a
+  measurement of their own. Every other stage is float32 on CPUs;
+- on a CPU under a DeepSpeed launch: float32. The measurement is of autocast over float32 weights in one process;
+  DeepSpeed's bf16 mode keeps the weights themselves in bf16, which is not measured.
 
 ``float32`` and ``bfloat16`` are taken as written (bf16 on a CPU without a native bf16 feature is emulated, and
 slow: the choice's ``reason`` says so). The stage logs :meth:`DtypeChoice.describe` and records
@@ -28,6 +30,8 @@ from typing import Any
 
 import torch
 
+from pipeline.provenance import deepspeed_launch
+
 __all__ = ["CPU_BF16_FEATURES", "CPU_AUTO_BF16", "DtypeChoice", "cpu_flags", "cpu_bf16_feature", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
@@ -36,8 +40,9 @@ CPU_BF16_FEATURES = ("amx_bf16", "avx512_bf16")
 """Native CPU bf16 features, best first (the names of the ``flags`` line of ``/proc/cpuinfo``)."""
 
 CPU_AUTO_BF16: dict[str, frozenset[str]] = {"pretrain": frozenset({"amx_bf16", "avx512_bf16"})}
-"""Per stage, the CPU bf16 features with which ``dtype: auto`` picks bf16 autocast on a CPU (each one measured
-faster to a given loss). A stage not listed, or a feature not in its set, is float32."""
+"""Per stage, the CPU bf16 features with which ``dtype: auto`` picks bf16 autocast on a CPU (pretraining: measured
+faster to a given loss on AVX512-BF16; AMX listed with it, not measured on its own). A stage not listed, or a feature
+not in its set, is float32."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ def resolve_dtype(
     device: str | None = None,
     cuda_bf16: bool | None = None,
     cpu_feature: str | None = None,
+    deepspeed: bool | None = None,
 ) -> DtypeChoice:
     """Resolve a stage's ``dtype`` by the rule of the module docstring.
 
@@ -106,6 +112,7 @@ def resolve_dtype(
         device: ``cuda`` or ``cpu`` (default: ``cuda`` when torch sees a GPU).
         cuda_bf16: whether the GPU supports bf16 (default: asked of torch).
         cpu_feature: the CPU's native bf16 feature (default: :func:`cpu_bf16_feature`); ``""`` for none.
+        deepspeed: whether this process runs under DeepSpeed (default: :func:`pipeline.provenance.deepspeed_launch`).
 
     >>> resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="amx_bf16").resolved
     'bfloat16'
@@ -124,6 +131,11 @@ def resolve_dtype(
         reason = "the GPU supports bf16" if ok else "the GPU has no bf16"
         return DtypeChoice(requested, "bfloat16" if ok else "float32", device, feature, reason)
     allowed = CPU_AUTO_BF16.get(stage, frozenset())
+    if deepspeed is None:
+        deepspeed = deepspeed_launch()
+    if deepspeed and feature and feature in allowed:
+        reason = f"CPU with {native}; under DeepSpeed float32 (its bf16 mode keeps bf16 weights: not measured)"
+        return DtypeChoice(requested, "float32", device, feature, reason)
     if feature and feature in allowed:
         return DtypeChoice(requested, "bfloat16", device, feature, f"CPU with {native}; {stage} uses it on {feature}")
     why = f"{stage} uses CPU bf16 on {', '.join(sorted(allowed))} only" if allowed else f"{stage} is float32 on CPUs"

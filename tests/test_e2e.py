@@ -49,7 +49,8 @@ MICRO = {
     },
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64},
     "pretrain": {"batch_size": 8, "max_steps": 20, "warmup_steps": 2, "eval_interval": 10, "eval_iters": 2,
-                 "log_interval": 5, "ckpt_interval": 5, "num_threads": 1, "sample_tokens": 8},
+                 "log_interval": 5, "ckpt_interval": 5, "num_threads": 1, "sample_tokens": 8,
+                 "dtype": "float32"},  # the launch matrix compares launches at float32 summation order
     "sft": {"max_steps": 8, "batch_size": 8, "save_steps": 4, "logging_steps": 2, "n_eval_prompts": 8,
             "max_new_tokens": 8, "n_samples": 3},
     "reward": {"max_steps": 6, "batch_size": 8, "save_steps": 3, "logging_steps": 2, "norm_samples": 8, "norm_max_new_tokens": 8},

@@ -212,16 +212,24 @@ def test_cpu_bf16_feature_from_cpuinfo_flags(tmp_path, monkeypatch):
 
 
 def test_dtype_auto_resolves_by_the_documented_rule(monkeypatch):
-    # the rule: pretrain uses bf16 on CPUs with native bf16 (measured faster to the same loss), float32 on other CPUs;
-    # other stages are float32 on every CPU; the feature is recorded all the same
+    # the rule: pretrain uses bf16 on CPUs with native bf16 (measured on AVX512-BF16; AMX listed with it), float32 on
+    # other CPUs; other stages are float32 on every CPU; the feature is recorded all the same
     expected = {"amx_bf16": "bfloat16", "avx512_bf16": "bfloat16", "": "float32"}
     for feature, resolved in expected.items():
         c = resolve_dtype("auto", "pretrain", device="cpu", cpu_feature=feature)
         assert (c.resolved, c.cpu_bf16, c.bf16) == (resolved, feature, resolved == "bfloat16")
         assert resolve_dtype("auto", "sft", device="cpu", cpu_feature=feature).resolved == "float32"  # not listed
-    assert "no native bf16" in resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="").reason
     none = resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="").reason
     assert none == "CPU with no native bf16; pretrain uses CPU bf16 on amx_bf16, avx512_bf16 only"
+    # under DeepSpeed on a CPU: float32 (its bf16 mode keeps bf16 weights, which was not measured); GPUs are unaffected
+    zero = resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="avx512_bf16", deepspeed=True)
+    assert (zero.resolved, zero.cpu_bf16) == ("float32", "avx512_bf16") and "DeepSpeed" in zero.reason
+    assert resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="avx512_bf16", deepspeed=False).bf16
+    assert resolve_dtype("bfloat16", "pretrain", device="cpu", cpu_feature="avx512_bf16", deepspeed=True).bf16
+    assert resolve_dtype("auto", "pretrain", device="cuda", cuda_bf16=True, cpu_feature="", deepspeed=True).bf16
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets under zero2/zero3
+    assert resolve_dtype("auto", "pretrain", device="cpu", cpu_feature="amx_bf16").resolved == "float32"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     # GPUs: bf16 where supported
     assert resolve_dtype("auto", "pretrain", device="cuda", cuda_bf16=True, cpu_feature="").resolved == "bfloat16"
     assert resolve_dtype("auto", "pretrain", device="cuda", cuda_bf16=False, cpu_feature="").resolved == "float32"

@@ -89,8 +89,8 @@ class PretrainConfig:
     grad_clip: float = 1.0
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """auto: bf16 autocast on GPUs that support it; on a CPU, the rule of ``pipeline.precision.resolve_dtype`` for
-    this stage: bf16 on CPUs with AVX512-BF16 or AMX (measured faster to the same loss), float32 on other CPUs. The stage
-    logs the choice and records it in its manifest (``dtype``)."""
+    this stage: bf16 on CPUs with AVX512-BF16 (measured faster to the same loss) or AMX, float32 on other CPUs and
+    under DeepSpeed on a CPU. The stage logs the choice and records it in its manifest (``dtype``)."""
     compile: bool = False
     eval_interval: int = 100
     eval_iters: int = 20
