@@ -175,7 +175,8 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
         0 when every needed stage is done.
 
     Raises:
-        ConfigError: bad config, override or launch option.
+        ConfigError: bad config, override or launch option (``pretrain.optimizer=muon`` under ZeRO when pretraining
+            has to run).
         StageError: a stale stage (without force), a broken done stage, a corrupt manifest or checkpoint, a resume
             under DeepSpeed without ``run.allow_pickle_checkpoints``, a stage that exited 0 without writing its
             manifest, or a failed stage (then ``returncode`` holds its exit code, 128+N when signal N stopped it).
@@ -184,6 +185,10 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
     fps = all_fingerprints(cfg)
     if target in ("all", "export") and cfg.export.dir:
         check_export_dir(cfg.export.dir, cfg.run_dir)  # before any stage runs
+    zero = opts.launch in _DEEPSPEED
+    if zero and cfg.pretrain.launch_problems(deepspeed=True) and "pretrain" in plan(cfg, target):
+        if stage_status(cfg, "pretrain", fps).state != "done":  # a done pretraining is skipped, not launched
+            raise ConfigError("; ".join(cfg.pretrain.launch_problems(deepspeed=True)))
     t_start = time.time()
     for stage in plan(cfg, target):
         st = stage_status(cfg, stage, fps)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,12 +17,15 @@ from accelerate.state import AcceleratorState
 
 from pipeline import precision
 from pipeline.config import ConfigError, ModelConfig, PretrainConfig, load_config
+from pipeline.config.pretrain import MUON_UNDER_ZERO
 from pipeline.lineage import all_fingerprints
 from pipeline.model import GPT
 from pipeline.precision import cpu_bf16_feature, cpu_flags, resolve_dtype
 from pipeline.pretrain import build_optimizers, lr_at, muon_parameters, set_schedule, train
 from pipeline.runs import StageDir
 from pipeline.training import Interrupted
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 V, T = 64, 16
 
@@ -177,16 +181,39 @@ def test_muon_lowers_the_loss(tmp_path, fresh_accelerate):
 # ----------------------------------------------------------------------------- DeepSpeed ZeRO
 
 
-def test_muon_refused_under_zero_at_config_load(monkeypatch, tmp_path, capsys):
+def test_muon_refused_under_zero_where_pretraining_runs(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what `accelerate launch` sets under zero2/zero3
-    with pytest.raises(ConfigError, match=r"pretrain.optimizer=muon cannot run under DeepSpeed ZeRO .*LAUNCH=ddp"):
-        load_config(None, ["pretrain.optimizer=muon"])
-    assert load_config(None).pretrain.optimizer == "adamw"  # AdamW is fine under ZeRO
+    # the config loads (other stages of a Muon config run under ZeRO: `make sft LAUNCH=zero2` on configs/tiny.yaml)
+    cfg = load_config(CONFIG_DIR / "tiny.yaml")
+    assert cfg.pretrain.optimizer == "muon" and cfg.pretrain.launch_problems() == [MUON_UNDER_ZERO]
+    assert load_config(None).pretrain.launch_problems() == []  # AdamW is fine under ZeRO
     from stages.pretrain import main
 
     assert main([f"run.root={tmp_path}", "pretrain.optimizer=muon"]) == 2  # the stage, as a ZeRO launch starts it
-    assert "pretrain.optimizer=muon cannot run under DeepSpeed ZeRO" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pretrain.optimizer=muon cannot run under DeepSpeed ZeRO" in err and "LAUNCH=ddp" in err
     assert not any(tmp_path.iterdir())  # refused before the stage folder was made
+
+
+def test_the_orchestrator_refuses_muon_under_zero_before_launching(monkeypatch, tmp_path):
+    import dataclasses
+
+    from pipeline import orchestrate
+    from pipeline.orchestrate import RunOptions, run_pipeline
+
+    launched: list[list[str]] = []
+    monkeypatch.setattr(orchestrate, "_run_child", lambda cmd, *a: launched.append(cmd) or 0)
+    opts = RunOptions(CONFIG_DIR / "tiny.yaml", (f"run.root={tmp_path}",), launch="zero2")
+    with pytest.raises(ConfigError, match=r"pretrain.optimizer=muon cannot run under DeepSpeed ZeRO"):
+        run_pipeline("all", opts)
+    with pytest.raises(ConfigError, match=r"cannot run under DeepSpeed ZeRO"):
+        run_pipeline("sft", dataclasses.replace(opts, launch="zero3"))  # sft needs pretraining, not yet done
+    assert launched == [] and not any(tmp_path.iterdir())  # nothing launched, nothing written
+    # the refusal is for a pretraining that has to run: with every stage done (faked), nothing is refused
+    monkeypatch.setattr(
+        orchestrate, "stage_status", lambda cfg, stage, fps: SimpleNamespace(state="done", path=tmp_path)
+    )
+    assert run_pipeline("sft", opts) == 0 and launched == []
 
 
 def test_train_refuses_muon_under_deepspeed_before_building_anything(tmp_path):

@@ -15,8 +15,10 @@ MUON_UNDER_ZERO = (
     "1-D shards of the parameters, and Muon orthogonalises whole 2-D matrices. Use LAUNCH=ddp (Muon then runs on "
     "every process after the gradient all-reduce) or LAUNCH=cpu, or set pretrain.optimizer=adamw."
 )
-"""Why ``optimizer=muon`` is refused under a ZeRO launch (at config load in the stage process, and again by
-``pipeline.pretrain.train`` for any other caller)."""
+"""Why ``optimizer=muon`` is refused under a ZeRO launch of the pretrain stage: by the orchestrator before it launches
+anything, by the pretrain stage process before it touches its folder (:meth:`PretrainConfig.launch_problems`), and
+again by ``pipeline.pretrain.train`` for any other caller. Other stages of a config with ``optimizer: muon`` run under
+ZeRO as usual (``make sft LAUNCH=zero2`` on the default config)."""
 
 _OPTIMIZER_KEYS = ("optimizer", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_momentum_warmup_steps")
 """Keys added after the stage fingerprints were pinned; none changes an AdamW run, so the pretrain fingerprint counts
@@ -144,10 +146,19 @@ class PretrainConfig:
             problems.append(f"pretrain.muon_weight_decay must be >= 0, got {self.muon_weight_decay}")
         if self.muon_momentum_warmup_steps < 0:
             problems.append(f"pretrain.muon_momentum_warmup_steps must be >= 0, got {self.muon_momentum_warmup_steps}")
-        # the launch is known here inside a stage process: refuse before the stage folder is touched
-        if self.optimizer == "muon" and deepspeed_launch():
-            problems.append(MUON_UNDER_ZERO)
         return problems
+
+    def launch_problems(self, deepspeed: bool | None = None) -> list[str]:
+        """What stops pretraining under this launch (``deepspeed``: default, this process's launch): Muon under ZeRO.
+        Asked only where pretraining runs, since the other stages do not use this section's optimizer.
+
+        >>> PretrainConfig(optimizer="muon").launch_problems(deepspeed=True) == [MUON_UNDER_ZERO]
+        True
+        >>> PretrainConfig(optimizer="muon").launch_problems(deepspeed=False), PretrainConfig().launch_problems(True)
+        ([], [])
+        """
+        zero = deepspeed_launch() if deepspeed is None else deepspeed
+        return [MUON_UNDER_ZERO] if self.optimizer == "muon" and zero else []
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The values the pretrain stage's fingerprint hashes: every field, except the optimizer keys while
