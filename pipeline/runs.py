@@ -500,6 +500,12 @@ class StageDir:
         if state == "missing":  # a start cut off before its first checkpoint: clear what it half wrote
             self.remove_incomplete_checkpoints()
             self.truncate_metrics_after(0)
+        if self.artifact.exists():  # not done, so written by a run cut off before its manifest: never complete
+            log.info("%s: removing the artifact an interrupted run left unfinished (%s)", self.stage, self.artifact)
+            if self.artifact.is_dir():
+                shutil.rmtree(self.artifact)
+            else:
+                self.artifact.unlink()
         atomic_write_json(
             self.fingerprint_path, {"fingerprint": fingerprint, "inputs": inputs or {}, "contents": contents or {}}
         )

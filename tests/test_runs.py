@@ -116,3 +116,23 @@ def test_a_restart_before_the_first_checkpoint_clears_what_the_killed_start_half
     assert sd.begin("fp1", "a\n") == "missing"
     assert sd.read_metrics() == [] and sd.find_checkpoints() == []
     assert not list((tmp_path / "run").glob("pretrain.old-*"))
+
+
+def test_a_resume_starts_from_an_empty_artifact_folder(tmp_path):
+    """A kill while the artifact was written (before the manifest) leaves pieces there, such as the ``.tmpXXXXXX``
+    file of an interrupted tokenizer save; the resumed run writes the artifact into an empty folder."""
+    sd = StageDir.of(tmp_path, "sft")
+    sd.begin("fp1", "a\n")
+    with sd.writing_checkpoint(4, keep=2) as d:
+        (d / "w").write_text("1")
+    sd.artifact.mkdir()
+    (sd.artifact / ".tmpS7BRzp").write_text("half a tokenizer.json")
+    sd.unlock()
+    assert sd.state("fp1") == "partial"
+    assert sd.begin("fp1", "a\n") == "partial"
+    assert not sd.artifact.exists() and sd.latest_checkpoint().name == "step_000004"  # the checkpoint stays
+    sd.artifact.mkdir()
+    (sd.artifact / "weights").write_text("w")
+    sd.write_manifest("fp1", {}, {"sft": {}}, {"train_loss": 1.0}, 2.0)
+    sd.unlock()
+    assert sd.begin("fp1", "a\n") == "done" and (sd.artifact / "weights").read_text() == "w"  # a done one is kept
