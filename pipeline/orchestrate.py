@@ -185,12 +185,12 @@ def run_pipeline(target: str, opts: RunOptions) -> int:
     fps = all_fingerprints(cfg)
     if target in ("all", "export") and cfg.export.dir:
         check_export_dir(cfg.export.dir, cfg.run_dir)  # before any stage runs
-    zero = opts.launch in _DEEPSPEED
-    if zero and cfg.pretrain.launch_problems(deepspeed=True) and "pretrain" in plan(cfg, target):
-        if stage_status(cfg, "pretrain", fps).state != "done":  # a done pretraining is skipped, not launched
-            raise ConfigError("; ".join(cfg.pretrain.launch_problems(deepspeed=True)))
+    stages = plan(cfg, target)
+    launch_problems = cfg.pretrain.launch_problems(deepspeed=opts.launch in _DEEPSPEED)
+    if launch_problems and "pretrain" in stages and stage_status(cfg, "pretrain", fps).state != "done":
+        raise ConfigError("; ".join(launch_problems))  # before anything is launched; a done pretraining is skipped
     t_start = time.time()
-    for stage in plan(cfg, target):
+    for stage in stages:
         st = stage_status(cfg, stage, fps)
         lacking = missing_gguf(cfg) if stage == "export" and st.state == "done" else []
         if st.state == "done" and not lacking:

@@ -131,12 +131,10 @@ def resolve_dtype(
         reason = "the GPU supports bf16" if ok else "the GPU has no bf16"
         return DtypeChoice(requested, "bfloat16" if ok else "float32", device, feature, reason)
     allowed = CPU_AUTO_BF16.get(stage, frozenset())
-    if deepspeed is None:
-        deepspeed = deepspeed_launch()
-    if deepspeed and feature and feature in allowed:
-        reason = f"CPU with {native}; under DeepSpeed float32 (its bf16 mode keeps bf16 weights: not measured)"
-        return DtypeChoice(requested, "float32", device, feature, reason)
     if feature and feature in allowed:
+        if deepspeed_launch() if deepspeed is None else deepspeed:
+            reason = f"CPU with {native}; under DeepSpeed float32 (its bf16 mode keeps bf16 weights: not measured)"
+            return DtypeChoice(requested, "float32", device, feature, reason)
         return DtypeChoice(requested, "bfloat16", device, feature, f"CPU with {native}; {stage} uses it on {feature}")
     why = f"{stage} uses CPU bf16 on {', '.join(sorted(allowed))} only" if allowed else f"{stage} is float32 on CPUs"
     return DtypeChoice(requested, "float32", device, feature, f"CPU with {native}; {why}")

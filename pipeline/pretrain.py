@@ -30,7 +30,6 @@ import torch
 
 from .checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
 from .config import ConfigError, ModelConfig, PretrainConfig
-from .config.pretrain import MUON_UNDER_ZERO
 from .runs import StageDir, StageError
 from .training import Interrupted, StopSignal
 
@@ -227,8 +226,9 @@ def train(
         StageError: non-finite loss (naming the steps).
         Interrupted: a stop signal reached a process; a checkpoint was saved first.
     """
-    if cfg.optimizer == "muon" and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        raise ConfigError(MUON_UNDER_ZERO)
+    launch_problems = cfg.launch_problems(deepspeed=getattr(accelerator.state, "deepspeed_plugin", None) is not None)
+    if launch_problems:
+        raise ConfigError("; ".join(launch_problems))
     device_type = accelerator.device.type
     flops_per_token = model.flops_per_token(seq_len) if hasattr(model, "flops_per_token") else 0.0
     optimizers = build_optimizers(model, cfg, device_type)

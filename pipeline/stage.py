@@ -105,8 +105,9 @@ def run_stage(
     sd: StageDir | None = None
     try:
         cfg = load_config(args.config, args.overrides)
-        if stage == "pretrain" and cfg.pretrain.launch_problems():  # before the stage folder is touched
-            raise ConfigError("; ".join(cfg.pretrain.launch_problems()))
+        launch_problems = cfg.pretrain.launch_problems() if stage == "pretrain" else []
+        if launch_problems:  # before the stage folder is touched
+            raise ConfigError("; ".join(launch_problems))
         fps = all_fingerprints(cfg)
         contents = input_contents(cfg, stage)
         sd = StageDir.of(cfg.run_dir, stage)
