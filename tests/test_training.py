@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerControl
 
 from pipeline.runs import StageDir, StageError
-from pipeline.stage import run_stage
+from pipeline.stage import StageResult, run_stage
 from pipeline.training import (
     CheckpointMarker,
     Interrupted,
@@ -181,3 +181,27 @@ def test_clean_hf_artifact_and_context_length(tmp_path):
     llama = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
     assert context_length(gpt2) == 128 and context_length(llama) == 4096
     assert context_length(SimpleNamespace(config=SimpleNamespace())) is None
+
+
+def test_run_stage_shuts_the_process_group_down(tmp_path, monkeypatch):
+    """A stage's process group (gloo, one process here) is shut down before run_stage returns, on success and on
+    failure alike, and a process without one is left as it is."""
+    import torch.distributed as dist
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    seen = []
+
+    def body(ctx, fail=False):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg-{len(seen)}", rank=0, world_size=1)
+        t = torch.ones(2)
+        dist.all_reduce(t)
+        seen.append(dist.is_initialized())
+        if fail:
+            raise StageError("the body failed")
+        return StageResult(metrics={"sum": t.sum().item()})
+
+    assert run_stage("tokenizer", [f"run.root={tmp_path}"], body) == 0
+    assert seen == [True] and not dist.is_initialized()
+    assert run_stage("tokenizer", [f"run.root={tmp_path}/b"], lambda ctx: body(ctx, fail=True)) == 2
+    assert seen == [True, True] and not dist.is_initialized()
+    assert run_stage("tokenizer", [f"run.root={tmp_path}/c"], lambda ctx: StageResult(metrics={})) == 0
