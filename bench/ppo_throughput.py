@@ -19,6 +19,11 @@ Each side also reports its seconds per step by phase, measured the same way: gen
 ``batch_generation``), scoring (the forwards under ``no_grad`` after generation: our policy+value, reference and
 reward model; TRL's reference, value and reward model), and training (the rest of the step: advantages and the PPO
 epochs).
+
+``--repeats`` alternates the two sides (ours, then TRL) and reports the ratio of the medians and each pair's ratio
+with their median: a small VM's speed drifts by 20-40% over minutes, and a pair that ran back to back is less
+exposed to it than two medians that may come from different spells. Each repeat line shows the 1-minute load
+average first, so that another job on the machine is visible.
 """
 
 from __future__ import annotations
@@ -301,7 +306,14 @@ def _median(results: list[dict]) -> dict:
     return ranked[len(ranked) // 2]
 
 
-def _append_results(cmdline: str, ours: dict, trl_result: dict | None, repeats: int) -> None:
+def _median_of(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
+def _append_results(
+    cmdline: str, ours: dict, trl_result: dict | None, repeats: int, pairs: list[float] | None = None
+) -> None:
     path = ROOT / "bench" / "RESULTS.md"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     header = "## PPO throughput (`bench/ppo_throughput.py`)"
@@ -322,6 +334,8 @@ def _append_results(cmdline: str, ours: dict, trl_result: dict | None, repeats: 
     )
     trl_ps = f"{trl_result['prompts_per_s']:.1f}" if trl_result else "-"
     speed = f"{ours['prompts_per_s'] / trl_result['prompts_per_s']:.2f}x" if trl_result else "-"
+    if trl_result and pairs:
+        speed += f" (per pair: median {_median_of(pairs):.2f}x, {pairs[0]:.2f}-{pairs[-1]:.2f})"
     machine = f"{platform.machine()} {os.cpu_count()} cores"
     row = (
         f"| {dt.date.today()} | {machine} | `{cmdline}` | {settings} | {ours['prompts_per_s']:.1f} | "
@@ -368,14 +382,18 @@ def main() -> None:
     # alternate ours / TRL so that both see the same machine load; report the median of each
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
     for i in range(args.repeats):
+        load = os.getloadavg()[0]  # another job on the machine shows here (the runs themselves use the cores)
         runs["ours"].append(_run_side(sys.executable, "ours", args))
-        line = f"[{i + 1}/{args.repeats}] ours {runs['ours'][-1]['prompts_per_s']:.1f} prompts/s"
+        line = f"[{i + 1}/{args.repeats}] load {load:.2f}: ours {runs['ours'][-1]['prompts_per_s']:.1f} prompts/s"
         if args.trl_python:
             runs["trl"].append(_run_side(args.trl_python, "trl", args, runs["ours"][-1]["settings"]))
             line += f", TRL {runs['trl'][-1]['prompts_per_s']:.1f} prompts/s"
         print(line, flush=True)
     ours = _median(runs["ours"])
     trl_result = _median(runs["trl"]) if runs["trl"] else None
+    # each pair ran back to back, so its ratio is less exposed to the machine's slower and faster spells than the
+    # ratio of the two medians, which may come from different spells
+    pairs = sorted(o["prompts_per_s"] / t["prompts_per_s"] for o, t in zip(runs["ours"], runs["trl"]))
     print(f"ours: {ours['prompts_per_s']:.1f} prompts/s, {ours['rollout_tokens_per_s']:.0f} rollout tokens/s (median)")
     for side, results in runs.items():
         if results:
@@ -384,9 +402,10 @@ def main() -> None:
         print(
             f"TRL:  {trl_result['prompts_per_s']:.1f} prompts/s -> {ours['prompts_per_s'] / trl_result['prompts_per_s']:.2f}x"
         )
+        print(f"per-pair ratios: {', '.join(f'{r:.2f}' for r in pairs)} (median {_median_of(pairs):.2f}x)")
     if not args.no_append:
         cmdline = "python bench/ppo_throughput.py " + " ".join(sys.argv[1:])
-        _append_results(cmdline, ours, trl_result, args.repeats)
+        _append_results(cmdline, ours, trl_result, args.repeats, pairs)
 
 
 if __name__ == "__main__":
