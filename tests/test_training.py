@@ -200,8 +200,12 @@ def test_run_stage_shuts_the_process_group_down(tmp_path, monkeypatch):
             raise StageError("the body failed")
         return StageResult(metrics={"sum": t.sum().item()})
 
-    assert run_stage("tokenizer", [f"run.root={tmp_path}"], body) == 0
-    assert seen == [True] and not dist.is_initialized()
-    assert run_stage("tokenizer", [f"run.root={tmp_path}/b"], lambda ctx: body(ctx, fail=True)) == 2
-    assert seen == [True, True] and not dist.is_initialized()
-    assert run_stage("tokenizer", [f"run.root={tmp_path}/c"], lambda ctx: StageResult(metrics={})) == 0
+    try:
+        assert run_stage("tokenizer", [f"run.root={tmp_path}"], body) == 0
+        assert seen == [True] and not dist.is_initialized()
+        assert run_stage("tokenizer", [f"run.root={tmp_path}/b"], lambda ctx: body(ctx, fail=True)) == 2
+        assert seen == [True, True] and not dist.is_initialized()
+        assert run_stage("tokenizer", [f"run.root={tmp_path}/c"], lambda ctx: StageResult(metrics={})) == 0
+    finally:  # a failure here must not leave a process group to the tests after it
+        if dist.is_initialized():
+            dist.destroy_process_group()
