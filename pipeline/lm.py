@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig
+from transformers import GenerationConfig, GPT2LMHeadModel
 from transformers.activations import GELUTanh, NewGELUActivation
 
 __all__ = [
@@ -338,9 +338,14 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    lean: bool = True,
     **generate_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample (or greedily decode) responses with the KV cache; see :func:`truncate_after_stop`.
+
+    A GPT-2 model sampled from its full distribution (or decoded greedily) goes through :func:`_lean_decode`, which
+    gives Hugging Face's ``generate``'s tokens from the same RNG state in about 30% less time; anything else, or
+    ``lean=False``, goes through ``generate``.
 
     Args:
         policy: a Hugging Face causal LM (already gathered under ZeRO-3).
@@ -349,12 +354,18 @@ def generate(
         stop_ids: ids that stop generation (``<|end|>``, ``<|endoftext|>``); only the first ends a turn.
         pad_id: id written after the end of a response.
         do_sample, temperature, top_k, top_p: sampling settings (greedy when ``do_sample`` is False).
-        **generate_kwargs: passed to ``generate`` (e.g. ``synced_gpus=True`` under ZeRO-3).
+        lean: allow the lean decode loop (False: always Hugging Face's ``generate``).
+        **generate_kwargs: passed to ``generate`` (e.g. ``synced_gpus=True`` under ZeRO-3; the lean loop is not
+            used then).
 
     Returns:
         ``(response_ids, response_mask, ended)``, ``(B, T)``, ``(B, T)``, ``(B,)`` with ``T <= max_new_tokens``;
         ``ended``: the response stopped at ``stop_ids[0]``.
     """
+    if lean and not generate_kwargs and lean_decode_applies(policy, do_sample, top_k, top_p):
+        with eval_mode(policy):
+            ids = _lean_decode(policy, query_ids, query_mask, max_new_tokens, stop_ids, pad_id, do_sample, temperature)
+        return truncate_after_stop(ids, stop_ids, pad_id)
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -368,6 +379,97 @@ def generate(
     with eval_mode(policy):
         out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen, **generate_kwargs)
     return truncate_after_stop(out[:, query_ids.shape[1] :], stop_ids, pad_id)
+
+
+def lean_decode_applies(policy: Any, do_sample: bool, top_k: int | None, top_p: float | None) -> bool:
+    """Whether :func:`_lean_decode` reproduces ``generate`` for ``policy``: a plain GPT-2 LM (SDPA attention, no
+    cross-attention, no reordered or upcast attention) sampled from the full distribution or decoded greedily."""
+    cfg = getattr(policy, "config", None)
+    return (
+        isinstance(policy, GPT2LMHeadModel)
+        and getattr(cfg, "_attn_implementation", None) == "sdpa"
+        and not cfg.add_cross_attention
+        and not cfg.reorder_and_upcast_attn
+        and (not do_sample or ((top_k or 0) == 0 and (1.0 if top_p is None else top_p) == 1.0))
+    )
+
+
+@torch.no_grad()
+def _lean_decode(
+    model: Any,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    do_sample: bool,
+    temperature: float,
+) -> torch.Tensor:
+    """The new tokens ``(B, T)`` of a GPT-2 model's KV-cache decoding, in ``generate``'s order of operations.
+
+    It calls the model's own modules, with the keys and values in buffers allocated once for the whole response
+    instead of grown by concatenation each step. Sampling is ``generate``'s: the last position's logits divided by
+    the temperature (when it is not 1), a softmax, and one ``torch.multinomial`` draw per row from the same RNG. A
+    row that has sampled a stop token gets ``pad_id`` from then on. The loop stops when every row has stopped, or
+    after ``max_new_tokens``. Left padding is masked out, and positions count real tokens only.
+    """
+    t, cfg = model.transformer, model.config
+    dev = query_ids.device
+    B, P = query_ids.shape
+    H = cfg.n_head
+    D = cfg.n_embd // H
+    L = P + max_new_tokens
+    keys = [torch.empty(B, H, L, D, device=dev, dtype=t.wte.weight.dtype) for _ in t.h]
+    values = [torch.empty_like(k) for k in keys]
+    key_mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
+    key_mask[:, :P] = query_mask.bool()
+    positions = query_mask.long().cumsum(1) - 1
+    # a padding row attends to itself only, so that no row's softmax is empty (its output is never read)
+    eye = torch.eye(P, dtype=torch.bool, device=dev)
+    mask = (torch.ones(P, P, dtype=torch.bool, device=dev).tril() & key_mask[:, None, :P] | eye)[:, None]
+
+    def blocks(x: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + x.shape[1]
+        for i, block in enumerate(t.h):
+            attn = block.attn
+            q, k, v = attn.c_attn(block.ln_1(x)).split(attn.split_size, dim=2)
+            shape = (B, -1, H, D)
+            keys[i][:, :, start:end] = k.view(shape).transpose(1, 2)
+            values[i][:, :, start:end] = v.view(shape).transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q.view(shape).transpose(1, 2), keys[i][:, :, :end], values[i][:, :, :end], attn_mask=mask,
+                scale=attn.scaling,
+            )  # fmt: skip
+            x = x + attn.c_proj(o.transpose(1, 2).reshape(B, -1, cfg.n_embd))
+            x = x + block.mlp(block.ln_2(x))
+        return t.ln_f(x[:, -1])
+
+    hidden = blocks(t.wte(query_ids) + t.wpe(positions.clamp(min=0)), mask, 0)
+    stops = torch.tensor(stop_ids, device=dev)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    position = positions[:, -1]
+    steps = 0
+    for step in range(max_new_tokens):
+        logits = model.lm_head(hidden).float()
+        if do_sample:
+            if temperature != 1.0:
+                logits = logits / temperature
+            token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = torch.argmax(logits, dim=-1)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        out[:, step] = token
+        steps = step + 1
+        done = done | torch.isin(token, stops)
+        if bool(done.all()) or steps == max_new_tokens:
+            break
+        key_mask[:, P + step] = True
+        position = position + 1
+        hidden = blocks(
+            t.wte(token[:, None]) + t.wpe(position[:, None]), key_mask[:, None, None, : P + step + 1], P + step
+        )
+    return out[:, :steps]
 
 
 @torch.no_grad()

@@ -131,3 +131,49 @@ def test_checker_accuracy_none_without_checker_and_length_mismatch():
     assert checker_accuracy([], []) is None
     with pytest.raises(ValueError, match="2 records but 1 responses"):
         checker_accuracy([{}, {}], ["a"])
+
+
+@pytest.mark.parametrize(
+    "settings", [{"do_sample": True, "temperature": 1.0}, {"do_sample": True, "temperature": 0.7}, {"do_sample": False}]
+)
+def test_lean_decode_gives_generates_tokens(settings):
+    """The lean GPT-2 decode loop against Hugging Face's generate: the same tokens, masks and endings from the same
+    RNG state, on left-padded prompts of different lengths, with stop tokens met at different steps (a bias on the
+    stop tokens' logits makes them frequent) and rows that never stop."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.lm import generate, lean_decode_applies, left_pad
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    with torch.no_grad():
+        model.lm_head.weight[3] += 0.3  # shared with the embedding: stop token 3 comes up often
+    model.eval()
+    assert lean_decode_applies(model, settings["do_sample"], 0, 1.0)
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14], [4, 4], [15, 16, 17, 18], [20]]
+    q, qm = left_pad(prompts, 0, "cpu")
+    ended = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        lean = generate(model, q, qm, 10, [3, 2], 0, **settings)
+        after_lean = torch.get_rng_state()
+        torch.manual_seed(seed)
+        hf = generate(model, q, qm, 10, [3, 2], 0, lean=False, **settings)
+        for a, b in zip(lean, hf):
+            assert torch.equal(a, b), (seed, a, b)
+        assert torch.equal(after_lean, torch.get_rng_state())  # the same draws from the RNG
+        ended += lean[2].tolist()
+    if settings["do_sample"]:
+        assert any(ended) and not all(ended)  # rows that stopped at <|end|> and rows that did not
+
+
+def test_lean_decode_is_used_only_where_it_matches_generate():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.lm import lean_decode_applies
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    assert lean_decode_applies(model, True, 0, 1.0) and lean_decode_applies(model, False, 50, 0.9)
+    assert not lean_decode_applies(model, True, 50, 1.0) and not lean_decode_applies(model, True, 0, 0.9)
+    model.config._attn_implementation = "eager"
+    assert not lean_decode_applies(model, True, 0, 1.0)
