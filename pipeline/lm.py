@@ -355,14 +355,16 @@ def generate(
         pad_id: id written after the end of a response.
         do_sample, temperature, top_k, top_p: sampling settings (greedy when ``do_sample`` is False).
         lean: allow the lean decode loop (False: always Hugging Face's ``generate``).
-        **generate_kwargs: passed to ``generate`` (e.g. ``synced_gpus=True`` under ZeRO-3; the lean loop is not
-            used then).
+        **generate_kwargs: passed to ``generate`` (e.g. ``synced_gpus=True`` under ZeRO-3); the lean loop is used
+            only without them (``synced_gpus=False`` aside).
 
     Returns:
         ``(response_ids, response_mask, ended)``, ``(B, T)``, ``(B, T)``, ``(B,)`` with ``T <= max_new_tokens``;
         ``ended``: the response stopped at ``stop_ids[0]``.
     """
-    if lean and not generate_kwargs and lean_decode_applies(policy, do_sample, top_k, top_p):
+    # synced_gpus=False asks for what the lean loop does anyway (no lock-step with other processes)
+    hf_only = {k: v for k, v in generate_kwargs.items() if not (k == "synced_gpus" and v is False)}
+    if lean and not hf_only and lean_decode_applies(policy, do_sample, top_k, top_p):
         with eval_mode(policy):
             ids = _lean_decode(policy, query_ids, query_mask, max_new_tokens, stop_ids, pad_id, do_sample, temperature)
         return truncate_after_stop(ids, stop_ids, pad_id)

@@ -177,3 +177,19 @@ def test_lean_decode_is_used_only_where_it_matches_generate():
     assert not lean_decode_applies(model, True, 50, 1.0) and not lean_decode_applies(model, True, 0, 0.9)
     model.config._attn_implementation = "eager"
     assert not lean_decode_applies(model, True, 0, 1.0)
+
+
+def test_lean_decode_is_taken_without_generate_kwargs_or_with_synced_gpus_false(monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import pipeline.lm as lm
+
+    calls = []
+    real = lm._lean_decode
+    monkeypatch.setattr(lm, "_lean_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    q, qm = lm.left_pad([[5, 6], [7]], 0, "cpu")
+    for kwargs, taken in (({}, 1), ({"synced_gpus": False}, 1), ({"lean": False}, 0), ({"top_k": 5}, 0)):
+        calls.clear()
+        lm.generate(model, q, qm, 4, [3], 0, **kwargs)
+        assert len(calls) == taken, kwargs
