@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,9 @@ __all__ = [
     "fuse_activations",
     "stop_token_ids",
     "render_user_prompts",
+    "Samples",
     "generate",
+    "sample_responses",
     "generate_responses",
     "decode_answer",
 ]
@@ -366,7 +369,9 @@ def generate(
     hf_only = {k: v for k, v in generate_kwargs.items() if not (k == "synced_gpus" and v is False)}
     if lean and not hf_only and lean_decode_applies(policy, do_sample, top_k, top_p):
         with eval_mode(policy):
-            ids = _lean_decode(policy, query_ids, query_mask, max_new_tokens, stop_ids, pad_id, do_sample, temperature)
+            ids, _, _ = _lean_decode(
+                policy, query_ids, query_mask, max_new_tokens, stop_ids, pad_id, do_sample, temperature
+            )
         return truncate_after_stop(ids, stop_ids, pad_id)
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -381,6 +386,56 @@ def generate(
     with eval_mode(policy):
         out = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=gen, **generate_kwargs)
     return truncate_after_stop(out[:, query_ids.shape[1] :], stop_ids, pad_id)
+
+
+@dataclass
+class Samples:
+    """Responses sampled by :func:`sample_responses`, ``(B, T)`` each (``ended``: ``(B,)``)."""
+
+    ids: torch.Tensor
+    """Response ids, ``pad_id`` after the first stop token."""
+    mask: torch.Tensor
+    """1 up to and including the first stop token."""
+    ended: torch.Tensor
+    """Whether the response stopped at the end-of-turn token."""
+    logprobs: torch.Tensor | None = None
+    """float32 log-probability of each token under the distribution it was drawn from (the logits divided by the
+    temperature), 0 after the end; None where Hugging Face's ``generate`` sampled."""
+    entropy: torch.Tensor | None = None
+    """float32 entropy of that distribution at each position, 0 after the end; None with ``logprobs``."""
+
+
+@torch.no_grad()
+def sample_responses(
+    policy: Any,
+    query_ids: torch.Tensor,
+    query_mask: torch.Tensor,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> Samples:
+    """PPO's rollout sampling: responses with the log-probs and entropies of the distributions they came from.
+
+    A GPT-2 model sampled from its full distribution goes through the lean decode loop with the inverse-CDF draw
+    (:func:`_lean_decode`): the log-probs and entropies come with the tokens, from the sampling logits (as TRL's PPO
+    takes them), so no forward pass is needed to recompute them. Anything else samples with :func:`generate`
+    (Hugging Face's ``generate``) and returns no log-probs; the caller then computes them with a forward pass.
+    """
+    if not lean_decode_applies(policy, True, top_k, top_p):
+        ids, mask, ended = generate(
+            policy, query_ids, query_mask, max_new_tokens, stop_ids, pad_id, True, temperature, top_k, top_p
+        )
+        return Samples(ids, mask, ended)
+    with eval_mode(policy):
+        raw, lps, ents = _lean_decode(
+            policy, query_ids, query_mask, max_new_tokens, stop_ids, pad_id, True, temperature, "inverse_cdf", True
+        )
+    ids, mask, ended = truncate_after_stop(raw, stop_ids, pad_id)
+    assert lps is not None and ents is not None
+    return Samples(ids, mask, ended, lps * mask, ents * mask)
 
 
 def lean_decode_applies(policy: Any, do_sample: bool, top_k: int | None, top_p: float | None) -> bool:
@@ -406,14 +461,25 @@ def _lean_decode(
     pad_id: int,
     do_sample: bool,
     temperature: float,
-) -> torch.Tensor:
+    sampler: Literal["multinomial", "inverse_cdf"] = "multinomial",
+    with_logprobs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The new tokens ``(B, T)`` of a GPT-2 model's KV-cache decoding, in ``generate``'s order of operations.
 
     It calls the model's own modules, with the keys and values in buffers allocated once for the whole response
-    instead of grown by concatenation each step. Sampling is ``generate``'s: the last position's logits divided by
-    the temperature (when it is not 1), a softmax, and one ``torch.multinomial`` draw per row from the same RNG. A
-    row that has sampled a stop token gets ``pad_id`` from then on. The loop stops when every row has stopped, or
-    after ``max_new_tokens``. Left padding is masked out, and positions count real tokens only.
+    instead of grown by concatenation each step. With ``sampler="multinomial"`` sampling is ``generate``'s: the last
+    position's logits divided by the temperature (when it is not 1), a softmax, and one ``torch.multinomial`` draw
+    per row from the same RNG, so the tokens are ``generate``'s. ``"inverse_cdf"`` draws from the same distribution
+    with one uniform number per row (:func:`_inverse_cdf_draw`) instead of ``multinomial``'s one exponential number
+    per vocabulary entry and row (on a 2-core CPU, 0.07 ms against 1.2 ms a step for 64 rows of 512 tokens): other
+    tokens than ``generate``'s from the same seed, the same distribution. A row that has sampled a stop token gets
+    ``pad_id`` from then on. The loop stops when every row has stopped, or after ``max_new_tokens``. Left padding is
+    masked out, and positions count real tokens only.
+
+    Returns:
+        ``(tokens, logprobs, entropy)``; with ``with_logprobs`` the last two are ``(B, T)`` float32: each token's
+        log-probability and the entropy of the distribution it was drawn from (the logits divided by the
+        temperature; for greedy decoding, the temperature-1 distribution), else None.
     """
     t, cfg = model.transformer, model.config
     dev = query_ids.device
@@ -449,17 +515,26 @@ def _lean_decode(
     hidden = blocks(t.wte(query_ids) + t.wpe(positions.clamp(min=0)), mask, 0)
     stops = torch.tensor(stop_ids, device=dev)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    lps = torch.zeros(B, max_new_tokens, device=dev) if with_logprobs else None
+    ents = torch.zeros(B, max_new_tokens, device=dev) if with_logprobs else None
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     position = positions[:, -1]
     steps = 0
     for step in range(max_new_tokens):
         logits = model.lm_head(hidden).float()
-        if do_sample:
-            if temperature != 1.0:
-                logits = logits / temperature
-            token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1).squeeze(1)
-        else:
+        if do_sample and temperature != 1.0:
+            logits = logits / temperature
+        probs = F.softmax(logits, dim=-1) if do_sample or with_logprobs else None
+        if not do_sample:
             token = torch.argmax(logits, dim=-1)
+        elif sampler == "inverse_cdf":
+            token = _inverse_cdf_draw(probs)
+        else:
+            token = torch.multinomial(probs, num_samples=1).squeeze(1)
+        if with_logprobs:
+            logp = F.log_softmax(logits, dim=-1)
+            lps[:, step] = logp.gather(1, token[:, None]).squeeze(1)
+            ents[:, step] = -(probs * logp).sum(-1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         out[:, step] = token
         steps = step + 1
@@ -471,7 +546,19 @@ def _lean_decode(
         hidden = blocks(
             t.wte(token[:, None]) + t.wpe(position[:, None]), key_mask[:, None, None, : P + step + 1], P + step
         )
-    return out[:, :steps]
+    if not with_logprobs:
+        return out[:, :steps], None, None
+    return out[:, :steps], lps[:, :steps], ents[:, :steps]
+
+
+def _inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` ``(B, V)``: the first index whose cumulative probability exceeds ``u`` times
+    the row's total, ``u`` uniform in [0, 1) from torch's RNG (one number per row). An index of probability 0
+    is never drawn: its cumulative sum equals the one before it, which exceeds ``u`` first."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # u < total, so an index always exists; the clamp only guards a product rounded up to the total itself
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[1] - 1).squeeze(1)
 
 
 @torch.no_grad()

@@ -193,3 +193,62 @@ def test_lean_decode_is_taken_without_generate_kwargs_or_with_synced_gpus_false(
         calls.clear()
         lm.generate(model, q, qm, 4, [3], 0, **kwargs)
         assert len(calls) == taken, kwargs
+
+
+def test_inverse_cdf_draw_samples_the_distribution_and_never_a_zero_probability_token():
+    """One uniform number per row, the first index whose cumulative probability exceeds it: frequencies within 5
+    standard errors of the probabilities over 200k draws; entries of probability 0 (first, middle, last) never."""
+    from pipeline.lm import _inverse_cdf_draw
+
+    torch.manual_seed(0)
+    p = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 0.05, 0.0])
+    draws = torch.cat([_inverse_cdf_draw(p.expand(20_000, -1)) for _ in range(10)])
+    freq = torch.bincount(draws, minlength=len(p)).double() / len(draws)
+    assert freq[p == 0].sum() == 0
+    se = (p.double() * (1 - p.double()) / len(draws)).sqrt()
+    assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), (freq, p)
+    # unnormalised rows (a softmax that sums to 1 - 1e-7) and a one-hot row
+    q = torch.tensor([[2.0, 0.0, 6.0], [0.0, 0.0, 1.0]])
+    draws = torch.stack([_inverse_cdf_draw(q) for _ in range(4000)])
+    assert (draws[:, 1] == 2).all() and (draws[:, 0] != 1).all()
+    assert abs((draws[:, 0] == 2).double().mean().item() - 0.75) < 0.03
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sample_responses_returns_the_sampling_log_probs_and_entropies(temperature):
+    """PPO's sampler: the lean loop's log-probs and entropies equal those of a forward pass over prompt+response
+    (up to float rounding), are 0 after each response's end, and the tokens' frequencies follow the model's
+    distribution; where the lean loop does not apply, generate samples and no log-probs come back."""
+    import torch.nn.functional as F
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.lm import left_pad, response_logits, response_logprobs, sample_responses
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    with torch.no_grad():
+        model.lm_head.weight[3] += 0.3  # stop token 3 comes up often
+    model.eval()
+    q, qm = left_pad([[5, 6, 7], [8], [9, 10, 11, 12, 13, 14], [4, 4], [15, 16, 17, 18], [20]], 0, "cpu")
+    ended = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        s = sample_responses(model, q, qm, 10, [3, 2], 0, temperature=temperature)
+        ended += s.ended.tolist()
+        with torch.no_grad():
+            lp = response_logprobs(model, q, qm, s.ids, s.mask, temperature)
+            logits = response_logits(model, q, qm, s.ids, s.mask, temperature)
+            ent = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1) * s.mask
+        torch.testing.assert_close(s.logprobs, lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(s.entropy, ent, atol=1e-5, rtol=0)
+        assert (s.logprobs[s.mask == 0] == 0).all() and (s.entropy[s.mask == 0] == 0).all()
+    assert any(ended) and not all(ended)
+    # the first token of one prompt, drawn 6000 times: its frequencies against the model's probabilities
+    torch.manual_seed(1)
+    one, one_mask = q[:1].expand(6000, -1), qm[:1].expand(6000, -1)
+    first = sample_responses(model, one, one_mask, 1, [3, 2], 0, temperature=temperature).ids[:, 0]
+    with torch.no_grad():
+        probs = F.softmax(model(input_ids=torch.tensor([[5, 6, 7]])).logits[0, -1] / temperature, -1).double()
+    freq = torch.bincount(first, minlength=24).double() / len(first)
+    assert ((freq - probs).abs() <= 5 * (probs * (1 - probs) / len(first)).sqrt() + 1e-3).all()
+    assert sample_responses(model, q, qm, 4, [3], 0, temperature=temperature, top_k=5).logprobs is None

@@ -19,6 +19,7 @@ import pipeline.rl.scores
 from pipeline.checkpoint import ALLOW_PICKLE_KEY
 from pipeline.config import ConfigError, PPOStageConfig
 from pipeline.lm import (
+    Samples,
     concat_inputs,
     disable_dropout,
     fuse_activations,
@@ -211,15 +212,16 @@ def test_rollout_masks_and_kl_zero_when_policy_is_reference():
     assert ro.values[pad].abs().max() == 0 if pad.any() else True
     assert (ro.response_ids[pad] == PAD).all()
     assert torch.equal(ro.ended, (ro.response_ids == STOP).any(1))
-    # the reference is a copy of the policy: the KL penalty is exactly 0
-    assert torch.equal(ro.logprobs, ro.ref_logprobs)
+    # the reference is a copy of the policy: the KL penalty is 0 up to float rounding (the old log-probs come from
+    # the decode loop's logits, the reference's from a forward pass of the whole sequence)
+    torch.testing.assert_close(ro.logprobs, ro.ref_logprobs, atol=1e-5, rtol=0)
     stats = tr.update(ro)
-    assert stats["kl"] == 0.0 and stats["non_score_reward"] == 0.0
+    assert abs(stats["kl"]) < 1e-4 and abs(stats["non_score_reward"]) < 1e-5
     torch.testing.assert_close(ro.scores, count_target(None, None, ro.response_ids, ro.response_mask))
 
 
 def test_logged_entropy_is_the_sampling_policys_and_the_epochs_compute_none(monkeypatch):
-    """The entropy statistic comes from the rollout's forward (the policy that sampled): the masked mean of
+    """The entropy statistic is the sampling distribution's (the decode loop's): the masked mean of
     H(softmax(logits / temperature)) over response tokens. The PPO epochs compute no entropy unless a bonus trains."""
     tr = make_trainer(temperature=0.7)
     q, qm = left_pad(PROMPTS, PAD)
@@ -238,7 +240,7 @@ def test_logged_entropy_is_the_sampling_policys_and_the_epochs_compute_none(monk
     assert stats["entropy"] == pytest.approx(manual[mask].mean().item(), rel=1e-6)
     bonus = make_trainer(temperature=0.7, entropy_coef=0.01)
     bonus.update(bonus.rollout(q, qm))
-    assert calls[0] is False and calls[1:] == [True] * 4  # the rollout's statistic, then one per minibatch
+    assert calls == [True] * 4  # one per minibatch; the rollout's statistic came with the samples
 
 
 def test_response_logits_at_temperature_one_are_the_models_logits():
@@ -298,6 +300,7 @@ def test_group_advantage_gives_tied_samples_no_advantage_and_ranks_distinct_prom
         score_fn=lambda q, qm, r, rm: q[:, -1].float(),
     )  # fmt: skip
     q, qm = tr._prompt_batch(PROMPTS, list(range(len(PROMPTS))))
+    torch.manual_seed(5)  # a draw with responses of several lengths
     ro = tr.rollout(q, qm)
     assert ro.response_mask.sum(1).unique().numel() > 1  # responses of several lengths
     stats = tr.update(ro)
@@ -402,7 +405,7 @@ def test_only_the_end_of_turn_token_ends_a_response():
     tr = make_trainer(score_fn=None, reward_model=rm, reward_stats={"mean": 0.0, "std": 1.0},
                       missing_eos_penalty=1.0, stop_ids=(STOP, EOT))  # fmt: skip
     sampled = torch.tensor([[4, 5, STOP, 6], [4, EOT, 6, 6], [4, 5, 6, 7], [EOT, STOP, 0, 0]])
-    tr.sample = lambda policy, q, qm: truncate_after_stop(sampled, [STOP, EOT], PAD)
+    tr.sample = lambda policy, q, qm: Samples(*truncate_after_stop(sampled, [STOP, EOT], PAD))
     q, qm = left_pad(PROMPTS[:4], PAD)
     ro = tr.rollout(q, qm)
     assert ro.response_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]

@@ -40,7 +40,8 @@ def evaluate_prompts(trainer: PPOTrainer, prompts: list[list[int]]) -> list[dict
         q, qm = left_pad(prompts[start : start + c.rollout_batch_size], trainer.pad_id, trainer.device)
         with trainer._generation_model() as policy:
             r, rm, ended = generate(policy, q, qm, c.max_new_tokens, trainer.stop_ids, trainer.pad_id, do_sample=False)
-            rs, rms, _ = trainer.sample(policy, q, qm)
+            sampled = trainer.sample(policy, q, qm)
+            rs, rms = sampled.ids, sampled.mask
         r0, rm0, _ = generate(
             trainer.ref_model,
             q.to(ref_dev),

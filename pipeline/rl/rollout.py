@@ -107,16 +107,20 @@ class PolicyAndValue(nn.Module):
         response_mask: torch.Tensor,
         temperature: float = 1.0,
         with_entropy: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        with_policy: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """Log-probs ``(B, T)``, values ``(B, T)`` and, when ``with_entropy``, entropies ``(B, T)`` of the responses
         (else None). The entropy is differentiable when gradients are on (an entropy bonus is trained); the rollout
-        computes it once as a statistic under ``torch.no_grad()``, so the PPO epochs need no ``(B, T, V)`` softmax.
+        takes it from the sampling distribution (or computes it once here under ``torch.no_grad()``), so the PPO
+        epochs need no ``(B, T, V)`` softmax. ``with_policy=False``: values only (log-probs and entropy None).
         """
-        logits = response_logits(self.policy, query_ids, query_mask, response_ids, response_mask, temperature)
-        logprobs = logprobs_from_logits(logits, response_ids)
-        entropy = entropy_from_logits(logits) if with_entropy else None
+        logprobs = entropy = None
+        if with_policy:
+            logits = response_logits(self.policy, query_ids, query_mask, response_ids, response_mask, temperature)
+            logprobs = logprobs_from_logits(logits, response_ids)
+            entropy = entropy_from_logits(logits) if with_entropy else None
         if self.value_model is None:  # no critic: zero values, outside the graph
-            return logprobs, torch.zeros_like(logprobs, requires_grad=False), entropy
+            return logprobs, torch.zeros(response_ids.shape, device=response_ids.device), entropy
         values = token_scores(self.value_model, query_ids, query_mask, response_ids, response_mask)
         if self.value_shift != 0.0 or self.value_scale != 1.0:
             values = (values - self.value_shift) / self.value_scale

@@ -20,16 +20,20 @@ Departures (each deliberate):
 
 - Policy and value model are wrapped in one module (:class:`~pipeline.rl.rollout.PolicyAndValue`) with one
   AdamW and two parameter groups, so DDP and DeepSpeed see a single engine.
-- The old log-probs are recomputed by a forward pass after generation (not taken from the sampling
-  logits): in the first minibatch of the first epoch the ratio is exactly 1.
+- The old log-probs and the logged entropy are the sampling distribution's, taken from the decode loop's logits
+  (as TRL's PPO does), where the lean loop samples (a GPT-2 policy); in the first minibatch the ratio is then 1 up
+  to float rounding (the decode step's matrix shapes differ from the training forward's). Where Hugging Face's
+  ``generate`` samples (other architectures), a forward pass after generation computes them, and that ratio is
+  exactly 1.
 - Under several processes each process whitens its own advantages (as TRL does); the adaptive KL
   controller and every logged statistic use the mean over all processes.
 - Speed: GPT-2's Python ``gelu_new`` is swapped for torch's fused tanh-GELU (same function, float rounding
   aside); the logged entropy is the sampling policy's, computed once in the rollout's forward (the PPO epochs
   compute it only when an entropy bonus is trained); only the response positions go through the LM head;
   each minibatch is trimmed to its own longest prompt and response; a GPT-2 policy samples through a lean
-  KV-cache loop (:func:`pipeline.lm.generate`: Hugging Face ``generate``'s tokens from the same RNG state, in
-  about 30% less time).
+  KV-cache loop that draws each token by inverse CDF from one uniform number per row
+  (:func:`pipeline.lm.sample_responses`: the same distribution as Hugging Face ``generate``'s ``multinomial``,
+  other tokens from the same seed) and returns the old log-probs with them.
 
 Usage::
 
@@ -54,7 +58,7 @@ from torch import nn
 
 from pipeline.checkpoint import generator_state, load_checkpoint, save_checkpoint, set_generator_state
 from pipeline.config import PPOStageConfig
-from pipeline.lm import disable_dropout, fuse_activations, generate, left_pad, response_logprobs
+from pipeline.lm import Samples, disable_dropout, fuse_activations, left_pad, response_logprobs, sample_responses
 from pipeline.reward.scorer import RewardScorer
 from pipeline.runs import StageDir, StageError
 from pipeline.training import Interrupted, StopSignal
@@ -146,11 +150,12 @@ class PPOTrainer:
         model.eval()
         return model.to(device=device, dtype=dtype)
 
-    def sample(self, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Responses sampled with the rollout settings (``ppo.temperature``; top-k/top-p are refused by the config)."""
+    def sample(self, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Samples:
+        """Responses sampled with the rollout settings (``ppo.temperature``; top-k/top-p are refused by the config),
+        with their sampling log-probs and entropies where the lean decode loop sampled them."""
         c = self.cfg
-        return generate(policy, query_ids, query_mask, c.max_new_tokens, self.stop_ids, self.pad_id,
-                        do_sample=True, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)  # fmt: skip
+        return sample_responses(policy, query_ids, query_mask, c.max_new_tokens, self.stop_ids, self.pad_id,
+                                temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)  # fmt: skip
 
     def ref_logprobs(self, *rollout: torch.Tensor) -> torch.Tensor:
         """Log-probs ``(B, T)`` (float32, on the training device) of responses under the frozen reference."""
@@ -189,16 +194,24 @@ class PPOTrainer:
         c = self.cfg
         query_ids, query_mask = query_ids.to(self.device), query_mask.to(self.device)
         with self._generation_model() as policy:
-            response_ids, response_mask, ended = self.sample(policy, query_ids, query_mask)
+            samples = self.sample(policy, query_ids, query_mask)
+        response_ids, response_mask, ended = samples.ids, samples.mask, samples.ended
+        # the old log-probs and the entropy statistic come with the samples where the lean loop drew them; else a
+        # forward pass of the policy computes them
+        recompute = samples.logprobs is None
         parts: dict[str, list[torch.Tensor]] = {"lp": [], "v": [], "ent": [], "ref": [], "raw": []}
         for sl in self._chunks(len(query_ids)):
             q, qm, r, rm = query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl]
-            lp, v, ent = self.model(q, qm, r, rm, temperature=c.temperature, with_entropy=True)
-            parts["lp"].append(lp)
+            lp, v, ent = self.model(q, qm, r, rm, temperature=c.temperature, with_entropy=True, with_policy=recompute)
+            if recompute:
+                parts["lp"].append(lp)
+                parts["ent"].append(ent)
             parts["v"].append(v)
-            parts["ent"].append(ent)
             parts["ref"].append(self.ref_logprobs(q, qm, r, rm))
             parts["raw"].append(self.score(q, qm, r, rm))
+        if not recompute:
+            assert samples.logprobs is not None and samples.entropy is not None
+            parts["lp"], parts["ent"] = [samples.logprobs], [samples.entropy]
         mask = response_mask.float()
         raw = torch.cat(parts["raw"])
         scores = final_scores(self.normalise(raw), ended, c.reward_clip, c.missing_eos_penalty)
