@@ -156,18 +156,16 @@ def response_logits(
 ) -> torch.Tensor:
     """Logits ``(B, T, V)`` (float32, divided by the sampling temperature) that predict each response token."""
     input_ids, attention_mask, position_ids = concat_inputs(query_ids, query_mask, response_ids, response_mask)
-    T = response_ids.shape[1]
-    # only the T positions that predict response tokens go through the LM head: (B, T + 1, V) -> (B, T, V). (Keeping
-    # exactly those T positions, a 1-D logits_to_keep, saves a little more but changes the LM head's gradient in the
-    # last float bits, and with it every later PPO step of a run.)
+    P, T = query_ids.shape[1], response_ids.shape[1]
+    # only the T positions that predict response tokens go through the LM head: (B, T, V), no slice of a wider one
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        logits_to_keep=T + 1,
+        logits_to_keep=torch.arange(P - 1, P + T - 1, device=input_ids.device),
         use_cache=False,
     )
-    logits = out.logits[:, :-1].float()
+    logits = out.logits.float()
     return logits if temperature == 1.0 else logits / temperature  # x / 1.0 == x: no (B, T, V) pass for nothing
 
 

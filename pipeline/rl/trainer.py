@@ -133,6 +133,7 @@ class PPOTrainer:
         self.updates_per_step = cfg.ppo_epochs * math.ceil(cfg.rollout_batch_size / cfg.minibatch_size)
         optimizer, scheduler = build_optimizer(cfg, accelerator, policy, value_model, cfg.steps * self.updates_per_step)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self._clipped = list(self.model.parameters())  # walked once, not at every minibatch's clipping
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
@@ -266,7 +267,7 @@ class PPOTrainer:
         self.accelerator.backward(loss)
         if c.grad_clip > 0 and not is_deepspeed(self.accelerator):  # DeepSpeed clips inside its step
             self.accelerator.unscale_gradients()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip, foreach=True)
+            torch.nn.utils.clip_grad_norm_(self._clipped, c.grad_clip, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
