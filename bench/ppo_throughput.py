@@ -16,9 +16,10 @@ no top-k/top-p), fp32, ``--threads`` torch threads. ``--impl ours|trl`` runs one
 imports nothing from ``pipeline``, so it runs in TRL's venv).
 
 Each side also reports its seconds per step by phase, measured the same way: generation (our ``sample``, TRL's
-``batch_generation``), scoring (the forwards under ``no_grad`` after generation: our policy+value, reference and
-reward model; TRL's reference, value and reward model), and training (the rest of the step: advantages and the PPO
-epochs).
+``batch_generation``), scoring (the forwards under ``no_grad`` after generation: our value, reference and reward
+model, with the policy's old log-probs taken from the sampling, or a policy forward where Hugging Face's
+``generate`` sampled; TRL's reference, value and reward model), and training (the rest of the step: advantages and
+the PPO epochs).
 
 ``--repeats`` alternates the two sides (ours, then TRL) and reports the ratio of the medians and each pair's ratio
 with their median: a small VM's speed drifts by 20-40% over minutes, and a pair that ran back to back is less
@@ -109,7 +110,7 @@ def run_ours(args: argparse.Namespace) -> dict:
             tokens += stats["response_length"] * c.rollout_batch_size
     wall = sum(times)
     phases = clock.per_step(args.steps)
-    # the rollout is generation + scoring (the policy/value, reference and reward forwards)
+    # the rollout is generation + scoring (the value, reference and reward forwards)
     phases["scoring"] = phases.pop("rollout") - phases["generation"]
     return {
         "impl": "ours",
