@@ -11,8 +11,9 @@ Two token layouts are used, and each has one log-prob function here:
 
 Both go through :func:`logprobs_from_logits`, which never materialises the ``(B, T, V)`` log-softmax.
 
-Text generation for evaluation (:func:`generate_responses`: text in, text out) is PPO's rollout generation
-(:func:`generate`: token ids in and out) with the chat rendering and the decoding around it: one path.
+Text generation for evaluation (:func:`generate_responses`: text in, text out) is :func:`generate` (token ids in and
+out) with the chat rendering and the decoding around it: one path. PPO's rollout samples with
+:func:`sample_responses`, the same decode loop with an inverse-CDF draw that also returns the tokens' log-probs.
 """
 
 from __future__ import annotations
@@ -157,15 +158,18 @@ def response_logits(
     """Logits ``(B, T, V)`` (float32, divided by the sampling temperature) that predict each response token."""
     input_ids, attention_mask, position_ids = concat_inputs(query_ids, query_mask, response_ids, response_mask)
     P, T = query_ids.shape[1], response_ids.shape[1]
-    # only the T positions that predict response tokens go through the LM head: (B, T, V), no slice of a wider one
+    # only the T positions that predict response tokens go through the LM head: (B, T, V), no slice of a wider one.
+    # A remote-code model may read logits_to_keep as a count only: it gets the last T + 1 positions, sliced after.
+    remote = bool(getattr(getattr(model, "config", None), "auto_map", None))
+    keep = T + 1 if remote else torch.arange(P - 1, P + T - 1, device=input_ids.device)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        logits_to_keep=torch.arange(P - 1, P + T - 1, device=input_ids.device),
+        logits_to_keep=keep,
         use_cache=False,
     )
-    logits = out.logits.float()
+    logits = (out.logits[:, :-1] if remote else out.logits).float()
     return logits if temperature == 1.0 else logits / temperature  # x / 1.0 == x: no (B, T, V) pass for nothing
 
 
@@ -552,8 +556,9 @@ def _lean_decode(
 def _inverse_cdf_draw(probs: torch.Tensor) -> torch.Tensor:
     """One token per row of ``probs`` ``(B, V)``: the first index whose cumulative probability exceeds ``u`` times
     the row's total, ``u`` uniform in [0, 1) from torch's RNG (one number per row). An index of probability 0
-    is never drawn: its cumulative sum equals the one before it, which exceeds ``u`` first."""
-    cdf = probs.cumsum(-1)
+    is never drawn: its cumulative sum equals the one before it, which exceeds ``u`` first. The sums are float64,
+    so that a parallel (GPU) scan's float32 rounding cannot make them decrease."""
+    cdf = probs.double().cumsum(-1)
     u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     # u < total, so an index always exists; the clamp only guards a product rounded up to the total itself
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[1] - 1).squeeze(1)

@@ -207,7 +207,7 @@ def test_inverse_cdf_draw_samples_the_distribution_and_never_a_zero_probability_
     assert freq[p == 0].sum() == 0
     se = (p.double() * (1 - p.double()) / len(draws)).sqrt()
     assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), (freq, p)
-    # unnormalised rows (a softmax that sums to 1 - 1e-7) and a one-hot row
+    # an unnormalised row (it sums to 8) and a one-hot row
     q = torch.tensor([[2.0, 0.0, 6.0], [0.0, 0.0, 1.0]])
     draws = torch.stack([_inverse_cdf_draw(q) for _ in range(4000)])
     assert (draws[:, 1] == 2).all() and (draws[:, 0] != 1).all()
@@ -243,6 +243,8 @@ def test_sample_responses_returns_the_sampling_log_probs_and_entropies(temperatu
         torch.testing.assert_close(s.entropy, ent, atol=1e-5, rtol=0)
         assert (s.logprobs[s.mask == 0] == 0).all() and (s.entropy[s.mask == 0] == 0).all()
     assert any(ended) and not all(ended)
+    torch.manual_seed(0)
+    assert sample_responses(model, q, qm, 40, [3, 2], 0, temperature=temperature).ids.shape[1] < 40  # stopped early
     # the first token of one prompt, drawn 6000 times: its frequencies against the model's probabilities
     torch.manual_seed(1)
     one, one_mask = q[:1].expand(6000, -1), qm[:1].expand(6000, -1)

@@ -33,7 +33,7 @@ from pipeline.reward.scalar import sequence_scores, token_scores
 from pipeline.rl.gae import masked_mean
 from pipeline.rl.losses import policy_loss, value_loss
 from pipeline.rl.rollout import PolicyAndValue
-from pipeline.rl.trainer import PPOTrainer
+from pipeline.rl.trainer import PPOTrainer, sampling_matches_training
 from pipeline.runs import StageDir
 from pipeline.training import Interrupted
 from tests.helpers_launch import accelerate_launch, child_env
@@ -787,3 +787,28 @@ def test_checker_reward_scores_each_response_against_its_prompts_record():
     torch.testing.assert_close(reward.score_ids(q, qm, r, rm), torch.tensor([1.0, 1.0, 0.7]))
     with pytest.raises(Exception, match="ppo.reward=checker: prompt record 'x' has no 'task'/'answer'"):
         CheckerScorer(Chars(), [[50]], [{"prompt": "hi", "id": "x"}])
+
+
+def test_old_logprobs_come_from_the_sampling_only_for_a_float32_policy_without_mixed_precision():
+    """The decode loop runs the policy's modules outside the engine's autocast: under mixed precision or with bf16
+    weights the rollout recomputes the old log-probs with the training forward, so the first ratio is exactly 1."""
+    tr = make_trainer()
+    assert tr.sampled_logprobs
+    q, qm = left_pad(PROMPTS, PAD)
+    torch.manual_seed(0)
+    ro = tr.rollout(q, qm)
+    with torch.no_grad():
+        exact, _, _ = tr.model(q, qm, ro.response_ids, ro.response_mask)
+    assert not torch.equal(ro.logprobs, exact * ro.response_mask)  # the sampling's, not the forward's
+    torch.testing.assert_close(ro.logprobs, exact * ro.response_mask, atol=1e-5, rtol=0)
+    tr.sampled_logprobs = False  # what a bf16 policy or accelerate's mixed precision sets
+    torch.manual_seed(0)
+    ro = tr.rollout(q, qm)
+    with torch.no_grad():
+        exact, _, _ = tr.model(q, qm, ro.response_ids, ro.response_mask)
+    assert torch.equal(ro.logprobs, exact * ro.response_mask)
+    # the flag as construction sets it: a bf16 policy, or accelerate's mixed precision, recomputes
+    policy, _ = tiny_models()
+    assert sampling_matches_training("no", policy)
+    assert not sampling_matches_training("bf16", policy) and not sampling_matches_training("fp16", policy)
+    assert not sampling_matches_training("no", policy.to(torch.bfloat16))

@@ -52,7 +52,8 @@ def evaluate_prompts(trainer: PPOTrainer, prompts: list[list[int]]) -> list[dict
             do_sample=False,
         )
         r0, rm0 = r0.to(trainer.device), rm0.to(trainer.device)
-        lp, _, _ = trainer.model(q, qm, rs, rms, temperature=c.temperature)
+        lp, _, _ = trainer.model(q, qm, rs, rms, temperature=c.temperature)  # the exact forward, not the sampling's
+        assert lp is not None
         ref_lp = trainer.ref_logprobs(q, qm, rs, rms)
         kl = ((lp.float() - ref_lp) * rms).sum(1)
         scores, sft_scores = trainer.score(q, qm, r, rm), trainer.score(q, qm, r0, rm0)

@@ -21,15 +21,16 @@ Departures (each deliberate):
 - Policy and value model are wrapped in one module (:class:`~pipeline.rl.rollout.PolicyAndValue`) with one
   AdamW and two parameter groups, so DDP and DeepSpeed see a single engine.
 - The old log-probs and the logged entropy are the sampling distribution's, taken from the decode loop's logits
-  (as TRL's PPO does), where the lean loop samples (a GPT-2 policy); in the first minibatch the ratio is then 1 up
-  to float rounding (the decode step's matrix shapes differ from the training forward's). Where Hugging Face's
-  ``generate`` samples (other architectures), a forward pass after generation computes them, and that ratio is
-  exactly 1.
+  (as TRL's PPO does), where the lean loop samples (a GPT-2 policy) and the policy trains in float32 without mixed
+  precision; in the first minibatch the ratio is then 1 up to float rounding (the decode step's matrix shapes
+  differ from the training forward's). Otherwise (other architectures, bf16 weights or autocast, where the decode
+  loop's precision would differ from the training forward's) a forward pass after generation computes them, and
+  that ratio is exactly 1.
 - Under several processes each process whitens its own advantages (as TRL does); the adaptive KL
   controller and every logged statistic use the mean over all processes.
 - Speed: GPT-2's Python ``gelu_new`` is swapped for torch's fused tanh-GELU (same function, float rounding
-  aside); the logged entropy is the sampling policy's, computed once in the rollout's forward (the PPO epochs
-  compute it only when an entropy bonus is trained); only the response positions go through the LM head;
+  aside); the logged entropy is the sampling policy's, computed once per rollout (the PPO epochs compute it only
+  when an entropy bonus is trained); only the response positions go through the LM head;
   each minibatch is trimmed to its own longest prompt and response; a GPT-2 policy samples through a lean
   KV-cache loop that draws each token by inverse CDF from one uniform number per row
   (:func:`pipeline.lm.sample_responses`: the same distribution as Hugging Face ``generate``'s ``multinomial``,
@@ -73,6 +74,12 @@ from .scores import final_scores, reward_normalisation
 __all__ = ["PPOTrainer"]
 
 log = logging.getLogger(__name__)
+
+
+def sampling_matches_training(mixed_precision: str, policy: nn.Module) -> bool:
+    """Whether the decode loop computes the policy's log-probs as the training forward does: it runs the policy's
+    modules outside the engine's autocast, so only a float32 policy without mixed precision qualifies."""
+    return mixed_precision == "no" and all(p.dtype == torch.float32 for p in policy.parameters())
 
 
 class PPOTrainer:
@@ -134,6 +141,8 @@ class PPOTrainer:
         optimizer, scheduler = build_optimizer(cfg, accelerator, policy, value_model, cfg.steps * self.updates_per_step)
         self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         self._clipped = list(self.model.parameters())  # walked once, not at every minibatch's clipping
+        self.sampled_logprobs = sampling_matches_training(accelerator.mixed_precision, policy)
+        """Whether the sampling's log-probs serve as the old log-probs (else a forward pass recomputes them)."""
         self.kl_ctl = make_kl_controller(cfg.kl_coef, cfg.adaptive_kl, cfg.kl_target, cfg.kl_horizon)
         self.generator = torch.Generator().manual_seed(seed)
         self.seed = seed
@@ -199,7 +208,7 @@ class PPOTrainer:
         response_ids, response_mask, ended = samples.ids, samples.mask, samples.ended
         # the old log-probs and the entropy statistic come with the samples where the lean loop drew them; else a
         # forward pass of the policy computes them
-        recompute = samples.logprobs is None
+        recompute = samples.logprobs is None or not self.sampled_logprobs
         parts: dict[str, list[torch.Tensor]] = {"lp": [], "v": [], "ent": [], "ref": [], "raw": []}
         for sl in self._chunks(len(query_ids)):
             q, qm, r, rm = query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl]
@@ -243,7 +252,7 @@ class PPOTrainer:
             temperature=c.temperature,
             with_entropy=c.entropy_coef != 0,
         )
-        assert mb.advantages is not None and mb.returns is not None
+        assert logprobs is not None and mb.advantages is not None and mb.returns is not None
         pg_loss, pg_stats = policy_loss(logprobs, mb.logprobs, mb.advantages, mask, c.cliprange)
         # critic warm-up: the policy's terms times 0 keep every policy parameter in the graph (DDP reduces, and
         # DeepSpeed's hooks expect, a gradient for each) with zero gradients, which leave AdamW's zero moments
