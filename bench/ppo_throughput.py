@@ -34,6 +34,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -307,11 +308,6 @@ def _median(results: list[dict]) -> dict:
     return ranked[len(ranked) // 2]
 
 
-def _median_of(values: list[float]) -> float:
-    v = sorted(values)
-    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
-
-
 def _append_results(
     cmdline: str, ours: dict, trl_result: dict | None, repeats: int, pairs: list[float] | None = None
 ) -> None:
@@ -336,7 +332,7 @@ def _append_results(
     trl_ps = f"{trl_result['prompts_per_s']:.1f}" if trl_result else "-"
     speed = f"{ours['prompts_per_s'] / trl_result['prompts_per_s']:.2f}x" if trl_result else "-"
     if trl_result and pairs:
-        speed += f" (per pair: median {_median_of(pairs):.2f}x, {pairs[0]:.2f}-{pairs[-1]:.2f})"
+        speed += f" (per pair: median {statistics.median(pairs):.2f}x, {pairs[0]:.2f}-{pairs[-1]:.2f})"
     machine = f"{platform.machine()} {os.cpu_count()} cores"
     row = (
         f"| {dt.date.today()} | {machine} | `{cmdline}` | {settings} | {ours['prompts_per_s']:.1f} | "
@@ -403,7 +399,7 @@ def main() -> None:
         print(
             f"TRL:  {trl_result['prompts_per_s']:.1f} prompts/s -> {ours['prompts_per_s'] / trl_result['prompts_per_s']:.2f}x"
         )
-        print(f"per-pair ratios: {', '.join(f'{r:.2f}' for r in pairs)} (median {_median_of(pairs):.2f}x)")
+        print(f"per-pair ratios: {', '.join(f'{r:.2f}' for r in pairs)} (median {statistics.median(pairs):.2f}x)")
     if not args.no_append:
         cmdline = "python bench/ppo_throughput.py " + " ".join(sys.argv[1:])
         _append_results(cmdline, ours, trl_result, args.repeats, pairs)
