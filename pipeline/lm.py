@@ -404,7 +404,7 @@ class Samples:
     """float32 log-probability of each token under the distribution it was drawn from (the logits divided by the
     temperature), 0 after the end; None where Hugging Face's ``generate`` sampled."""
     entropy: torch.Tensor | None = None
-    """float32 entropy of that distribution at each position, 0 after the end; None with ``logprobs``."""
+    """float32 entropy of that distribution at each position, 0 after the end; None when ``logprobs`` is."""
 
 
 @torch.no_grad()
@@ -418,6 +418,7 @@ def sample_responses(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    with_logprobs: bool = True,
 ) -> Samples:
     """PPO's rollout sampling: responses with the log-probs and entropies of the distributions they came from.
 
@@ -425,6 +426,7 @@ def sample_responses(
     (:func:`_lean_decode`): the log-probs and entropies come with the tokens, from the sampling logits (as TRL's PPO
     takes them), so no forward pass is needed to recompute them. Anything else samples with :func:`generate`
     (Hugging Face's ``generate``) and returns no log-probs; the caller then computes them with a forward pass.
+    ``with_logprobs=False`` asks for none (the same tokens from the same RNG state).
     """
     if not lean_decode_applies(policy, True, top_k, top_p):
         ids, mask, ended = generate(
@@ -433,10 +435,12 @@ def sample_responses(
         return Samples(ids, mask, ended)
     with eval_mode(policy):
         raw, lps, ents = _lean_decode(
-            policy, query_ids, query_mask, max_new_tokens, stop_ids, pad_id, True, temperature, "inverse_cdf", True
-        )
+            policy, query_ids, query_mask, max_new_tokens, stop_ids, pad_id, True, temperature, "inverse_cdf",
+            with_logprobs,
+        )  # fmt: skip
     ids, mask, ended = truncate_after_stop(raw, stop_ids, pad_id)
-    assert lps is not None and ents is not None
+    if lps is None or ents is None:
+        return Samples(ids, mask, ended)
     return Samples(ids, mask, ended, lps * mask, ents * mask)
 
 

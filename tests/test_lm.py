@@ -245,6 +245,9 @@ def test_sample_responses_returns_the_sampling_log_probs_and_entropies(temperatu
     assert any(ended) and not all(ended)
     torch.manual_seed(0)
     assert sample_responses(model, q, qm, 40, [3, 2], 0, temperature=temperature).ids.shape[1] < 40  # stopped early
+    torch.manual_seed(3)
+    bare = sample_responses(model, q, qm, 10, [3, 2], 0, temperature=temperature, with_logprobs=False)
+    assert torch.equal(bare.ids, s.ids) and bare.logprobs is None and bare.entropy is None  # the same tokens, no stats
     # the first token of one prompt, drawn 6000 times: its frequencies against the model's probabilities
     torch.manual_seed(1)
     one, one_mask = q[:1].expand(6000, -1), qm[:1].expand(6000, -1)

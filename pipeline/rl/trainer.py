@@ -162,10 +162,12 @@ class PPOTrainer:
 
     def sample(self, policy: nn.Module, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Samples:
         """Responses sampled with the rollout settings (``ppo.temperature``; top-k/top-p are refused by the config),
-        with their sampling log-probs and entropies where the lean decode loop sampled them."""
+        with their sampling log-probs and entropies where the lean decode loop sampled them and they serve as the
+        old log-probs (:attr:`sampled_logprobs`)."""
         c = self.cfg
         return sample_responses(policy, query_ids, query_mask, c.max_new_tokens, self.stop_ids, self.pad_id,
-                                temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)  # fmt: skip
+                                temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                                with_logprobs=self.sampled_logprobs)  # fmt: skip
 
     def ref_logprobs(self, *rollout: torch.Tensor) -> torch.Tensor:
         """Log-probs ``(B, T)`` (float32, on the training device) of responses under the frozen reference."""
@@ -206,9 +208,9 @@ class PPOTrainer:
         with self._generation_model() as policy:
             samples = self.sample(policy, query_ids, query_mask)
         response_ids, response_mask, ended = samples.ids, samples.mask, samples.ended
-        # the old log-probs and the entropy statistic come with the samples where the lean loop drew them; else a
-        # forward pass of the policy computes them
-        recompute = samples.logprobs is None or not self.sampled_logprobs
+        # the old log-probs and the entropy statistic come with the samples where the lean loop drew them and the
+        # policy trains as it samples (sampled_logprobs); else a forward pass of the policy computes them
+        recompute = samples.logprobs is None
         parts: dict[str, list[torch.Tensor]] = {"lp": [], "v": [], "ent": [], "ref": [], "raw": []}
         for sl in self._chunks(len(query_ids)):
             q, qm, r, rm = query_ids[sl], query_mask[sl], response_ids[sl], response_mask[sl]
