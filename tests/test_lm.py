@@ -257,3 +257,45 @@ def test_sample_responses_returns_the_sampling_log_probs_and_entropies(temperatu
     freq = torch.bincount(first, minlength=24).double() / len(first)
     assert ((freq - probs).abs() <= 5 * (probs * (1 - probs) / len(first)).sqrt() + 1e-3).all()
     assert sample_responses(model, q, qm, 4, [3], 0, temperature=temperature, top_k=5).logprobs is None
+
+
+def test_tanh_gelu_is_gpt2s_gelu_in_value_and_gradient():
+    from pipeline.lm import TanhGELU
+
+    torch.manual_seed(0)
+    x = (torch.randn(64, 96) * 3).requires_grad_()
+    g = torch.randn(64, 96)
+    TanhGELU()(x).backward(g)
+    x64 = x.detach().double().requires_grad_()
+    y64 = torch.nn.functional.gelu(x64, approximate="tanh")
+    y64.backward(g.double())
+    torch.testing.assert_close(TanhGELU()(x.detach()).double(), y64.detach(), atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=2e-5, rtol=1e-5)
+    # the same function as transformers' gelu_new formula
+    from transformers.activations import NewGELUActivation
+
+    torch.testing.assert_close(TanhGELU()(x.detach()), NewGELUActivation()(x.detach()), atol=2e-6, rtol=1e-6)
+
+
+def test_tanh_gelu_has_finite_gradients_at_extreme_inputs_and_falls_back_below_float32():
+    from pipeline.lm import TanhGELU
+
+    x = torch.tensor([-1e20, -1e6, -30.0, -1e-30, 0.0, 1e-30, 30.0, 1e6, 1e20], requires_grad=True)
+    y = TanhGELU()(x)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert x.grad.tolist() == pytest.approx([0, 0, 0, 0.5, 0.5, 0.5, 1, 1, 1], abs=1e-6)
+    assert y[6].item() == 30.0 and y[2].item() == pytest.approx(0.0, abs=1e-30)
+    xb = torch.randn(8, 16).bfloat16()
+    # bfloat16 takes torch's fused kernel (float32 internals), bit for bit
+    assert torch.equal(TanhGELU()(xb), torch.nn.functional.gelu(xb, approximate="tanh"))
+
+
+def test_logprobs_from_logits_is_the_log_softmax_at_the_token():
+    from pipeline.lm import logprobs_from_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11) * 4
+    tokens = torch.randint(0, 11, (3, 5))
+    expected = torch.log_softmax(logits.double(), -1).gather(-1, tokens[..., None])[..., 0]
+    torch.testing.assert_close(logprobs_from_logits(logits, tokens).double(), expected, atol=1e-6, rtol=0)

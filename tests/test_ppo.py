@@ -255,6 +255,55 @@ def test_response_logits_at_temperature_one_are_the_models_logits():
     torch.testing.assert_close(response_logits(policy, q, qm, r, rm, 2.0), full[:, P - 1 : P - 1 + 3] / 2.0)
 
 
+def _padded_batch():
+    q, qm = left_pad([[3, 4], [5, 6, 7, 8, 9], [10, 11, 12]], PAD)
+    r = torch.tensor([[4, 5, 6, 7], [7, 8, 1, 1], [9, 1, 1, 1]])
+    rm = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    return q, qm, r, rm
+
+
+@pytest.mark.parametrize("start", [0, 4])
+def test_lean_gpt2_forward_is_hugging_faces_bit_for_bit_from_start(start):
+    """gpt2_hidden_states(start=s) equals the backbone's own forward at every real position from s on (the last
+    block runs those rows only), and its gradients match those of the same loss through Hugging Face's forward."""
+    policy, _ = tiny_models()
+    policy.train()
+    q, qm, r, rm = _padded_batch()
+    ids, am, pos = concat_inputs(q, qm, r, rm)
+    assert pipeline.lm.lean_forward_applies(policy) and pipeline.lm.lean_forward_applies(policy.transformer)
+    hf = policy.transformer(input_ids=ids, attention_mask=am, position_ids=pos).last_hidden_state[:, start:]
+    lean = pipeline.lm.gpt2_hidden_states(policy.transformer, ids, am, pos, start=start)
+    real = am[:, start:].bool()
+    assert lean.shape == hf.shape and torch.equal(lean[real], hf[real])
+    weights = torch.randn(hf.shape)
+    grads = []
+    for out in (hf, lean):
+        policy.zero_grad()
+        (out * weights * real[..., None]).sum().backward()
+        grads.append([p.grad.clone() for p in policy.transformer.parameters()])
+    for g_hf, g_lean in zip(*grads):
+        torch.testing.assert_close(g_lean, g_hf, atol=1e-6, rtol=1e-5)
+
+
+def test_lean_forward_is_only_for_plain_sdpa_gpt2_and_the_fallback_agrees():
+    policy, value = tiny_models()
+    eager = GPT2LMHeadModel(GPT2Config(**{**policy.config.to_dict(), "_attn_implementation": "eager"}))
+    eager.load_state_dict(policy.state_dict())
+    eager.config._attn_implementation = "eager"
+    disable_dropout(eager)
+    assert not pipeline.lm.lean_forward_applies(eager)
+    assert not pipeline.lm.lean_forward_applies(torch.nn.Linear(2, 2))
+    q, qm, r, rm = _padded_batch()
+    m = rm.bool()
+    torch.testing.assert_close(
+        response_logits(eager, q, qm, r, rm)[m], response_logits(policy, q, qm, r, rm)[m], atol=1e-5, rtol=0
+    )
+    # token_scores from a start position is the full scores' slice
+    P = q.shape[1]
+    full = token_scores(value, q, qm, r, rm)
+    torch.testing.assert_close(token_scores(value, q, qm, r, rm, start=P - 1), full[:, P - 1 :], atol=1e-6, rtol=0)
+
+
 def test_first_minibatch_has_ratio_one_and_later_ones_move():
     tr = make_trainer()
     q, qm = left_pad(PROMPTS, PAD)

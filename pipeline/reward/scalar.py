@@ -24,6 +24,8 @@ from pipeline.lm import (
     ensure_end_token,
     eval_mode,
     fuse_activations,
+    gpt2_hidden_states,
+    lean_forward_applies,
     right_pad,
     stop_token_ids,
 )
@@ -76,14 +78,19 @@ def token_scores(
     query_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
+    start: int = 0,
 ) -> torch.Tensor:
-    """The sequence-classification head applied at every position of ``[query | response]``: ``(B, P + T)`` float32
-    (PPO's value model uses every position, the reward model the last)."""
+    """The sequence-classification head applied at positions ``start:`` of ``[query | response]``: ``(B, P + T -
+    start)`` float32 (PPO's value model reads the positions from the last prompt token on, the reward model the
+    last token). A plain GPT-2 backbone runs only those rows in its last block (:func:`gpt2_hidden_states`)."""
     backbone, head = _backbone_and_head(model)
     input_ids, attention_mask, position_ids = concat_inputs(query_ids, query_mask, response_ids, response_mask)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
+    if lean_forward_applies(backbone):
+        hidden = gpt2_hidden_states(backbone, input_ids, attention_mask, position_ids, start=start)
+    else:
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state[:, start:]
     return head(hidden).squeeze(-1).float()
 
 
@@ -95,8 +102,9 @@ def sequence_scores(
     response_mask: torch.Tensor,
 ) -> torch.Tensor:
     """Reward-model score ``(B,)`` of each prompt+response: the head at the response's last token."""
-    scores = token_scores(model, query_ids, query_mask, response_ids, response_mask)
-    last = query_ids.shape[1] + (response_mask.long().sum(-1) - 1).clamp(min=0)
+    P = query_ids.shape[1]
+    scores = token_scores(model, query_ids, query_mask, response_ids, response_mask, start=P - 1)
+    last = 1 + (response_mask.long().sum(-1) - 1).clamp(min=0)  # position P + len - 1, counted from P - 1
     return scores.gather(1, last.unsqueeze(1)).squeeze(1)
 
 

@@ -121,8 +121,9 @@ class PolicyAndValue(nn.Module):
             entropy = entropy_from_logits(logits) if with_entropy else None
         if self.value_model is None:  # no critic: zero values, outside the graph
             return logprobs, torch.zeros(response_ids.shape, device=response_ids.device), entropy
-        values = token_scores(self.value_model, query_ids, query_mask, response_ids, response_mask)
+        P, T = query_ids.shape[1], response_ids.shape[1]
+        values = token_scores(self.value_model, query_ids, query_mask, response_ids, response_mask, start=P - 1)
+        values = values[:, :T]  # the value of the state before each response token
         if self.value_shift != 0.0 or self.value_scale != 1.0:
             values = (values - self.value_shift) / self.value_scale
-        P, T = query_ids.shape[1], response_ids.shape[1]
-        return logprobs, values[:, P - 1 : P - 1 + T], entropy
+        return logprobs, values, entropy

@@ -28,9 +28,12 @@ Departures (each deliberate):
   that ratio is exactly 1.
 - Under several processes each process whitens its own advantages (as TRL does); the adaptive KL
   controller and every logged statistic use the mean over all processes.
-- Speed: GPT-2's Python ``gelu_new`` is swapped for torch's fused tanh-GELU (same function, float rounding
-  aside); the logged entropy is the sampling policy's, computed once per rollout (the PPO epochs compute it only
-  when an entropy bonus is trained); only the response positions go through the LM head;
+- Speed: GPT-2's tanh-GELU runs as ``x * sigmoid(2u)`` with a hand-written backward on a CPU in float32
+  (:class:`pipeline.lm.TanhGELU`; the same function, float rounding aside); the logged entropy is the sampling
+  policy's, computed once per rollout (the PPO epochs compute it only when an entropy bonus is trained); a GPT-2
+  policy, value, reference and reward model run their forward through their own modules
+  (:func:`pipeline.lm.gpt2_hidden_states`: Hugging Face's result bit for bit on a CPU), with the last block
+  computing only the rows from the last prompt token on, and only the response positions go through the LM head;
   each minibatch is trimmed to its own longest prompt and response; a GPT-2 policy samples through a lean
   KV-cache loop that draws each token by inverse CDF from one uniform number per row
   (:func:`pipeline.lm.sample_responses`: the same distribution as Hugging Face ``generate``'s ``multinomial``,
