@@ -152,15 +152,18 @@ def concat_inputs(
 
 
 def lean_forward_applies(model: Any) -> bool:
-    """Whether :func:`gpt2_hidden_states` is ``model``'s forward: a plain GPT-2 (``GPT2Model``, or a model whose
-    ``transformer`` is one) with SDPA attention, no cross-attention and no reordered or upcast attention."""
-    t = model if isinstance(model, GPT2Model) else getattr(model, "transformer", None)
+    """Whether :func:`gpt2_hidden_states` computes ``model``'s forward: a plain GPT-2 (exactly ``GPT2Model``, or a model
+    whose ``transformer`` is one; a subclass may override what it would bypass) with causal SDPA attention, no
+    cross-attention, no reordered or upcast attention and no gradient checkpointing."""
+    t = model if type(model) is GPT2Model else getattr(model, "transformer", None)
     cfg = getattr(t, "config", None)
     return (
-        isinstance(t, GPT2Model)
+        type(t) is GPT2Model
         and getattr(cfg, "_attn_implementation", None) == "sdpa"
+        and getattr(cfg, "is_causal", True) is not False
         and not cfg.add_cross_attention
         and not cfg.reorder_and_upcast_attn
+        and not getattr(t, "gradient_checkpointing", False)
     )
 
 
@@ -169,8 +172,9 @@ def gpt2_hidden_states(
 ) -> torch.Tensor:
     """A GPT-2 backbone's final hidden states (after ``ln_f``) at positions ``start:``, ``(B, L - start, C)``.
 
-    Hugging Face's forward through the model's own modules, with the same SDPA call, so the states are its own (bit
-    for bit on a CPU, tested), less its per-call machinery; and the last block runs only the rows that are asked
+    Hugging Face's forward through the model's own modules, with the same SDPA call, so the states are its own up to
+    float rounding (a test: within 1e-6, gradients too; bit for bit on a CPU at ``start=0`` with padding, while the
+    last block's smaller matrix products may round differently), less its per-call machinery; and the last block runs only the rows that are asked
     for: its keys and values come from every position, but its queries, attention output, projection and MLP only
     from ``start`` on. PPO reads the response positions only (from the last prompt token on), so a minibatch skips
     most of the last block for its prompt tokens (with a 2-layer model and 12-token prompts under 44 positions,
@@ -185,11 +189,13 @@ def gpt2_hidden_states(
         t: the backbone (``model.transformer``); its parameters are reached through module calls only, so that
             DeepSpeed ZeRO-3's hooks gather them as in Hugging Face's forward.
         input_ids, attention_mask, position_ids: ``(B, L)`` each (:func:`concat_inputs`).
-        start: the first position whose state is returned.
+        start: the first position whose state is returned, ``0 <= start < L``.
     """
     cfg = t.config
     B, L = input_ids.shape
     H, C = cfg.n_head, cfg.n_embd
+    if not 0 <= start < L:
+        raise ValueError(f"gpt2_hidden_states: start={start} outside the {L} positions of the inputs")
     dev = input_ids.device
     allowed = torch.ones(L, L, dtype=torch.bool, device=dev).tril() & attention_mask.bool()[:, None, :]
     empty = ~allowed.any(-1, keepdim=True)  # left padding before the first token: it attends to itself
@@ -203,16 +209,16 @@ def gpt2_hidden_states(
             q, x, mask = q[:, start:], x[:, start:], mask[:, :, start:]
         Q = q.shape[1]
         o = F.scaled_dot_product_attention(
-            q.view(B, Q, H, -1).transpose(1, 2),
-            k.view(B, L, H, -1).transpose(1, 2),
-            v.view(B, L, H, -1).transpose(1, 2),
+            q.view(B, Q, H, C // H).transpose(1, 2),
+            k.view(B, L, H, C // H).transpose(1, 2),
+            v.view(B, L, H, C // H).transpose(1, 2),
             attn_mask=mask,
             dropout_p=attn.attn_dropout.p if attn.training else 0.0,
             scale=attn.scaling,
         )
         x = x + attn.resid_dropout(attn.c_proj(o.transpose(1, 2).reshape(B, Q, C)))
         x = x + block.mlp(block.ln_2(x))
-    return t.ln_f(x)
+    return t.ln_f(x if x.shape[1] == L - start else x[:, start:])  # no block sliced it when there are none
 
 
 def response_logits(
@@ -229,7 +235,7 @@ def response_logits(
     its own forward, with ``logits_to_keep``."""
     input_ids, attention_mask, position_ids = concat_inputs(query_ids, query_mask, response_ids, response_mask)
     P, T = query_ids.shape[1], response_ids.shape[1]
-    if isinstance(model, GPT2LMHeadModel) and lean_forward_applies(model):
+    if type(model) is GPT2LMHeadModel and lean_forward_applies(model):
         hidden = gpt2_hidden_states(model.transformer, input_ids, attention_mask, position_ids, start=P - 1)
         logits = model.lm_head(hidden[:, :T]).float()
         return logits if temperature == 1.0 else logits / temperature
@@ -383,10 +389,11 @@ class _SigmoidFormGELU(torch.autograd.Function):
         return x * s
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises instead of coming out wrong
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         x, s = ctx.saved_tensors
-        # d/dx x s = s + x s (1 - s) (2c + 6ca x^2); x^2 is capped so that no huge activation turns inf * 0 into NaN
-        # (at |x| >= 1e4 the factor s (1 - s) is exactly 0 in float32 anyway)
+        # d/dx x s = s + x s (1 - s) (2c + 6ca x^2); x^2 is capped so that an activation up to ~1e30 keeps a finite
+        # gradient (torch's fused kernel gives NaN from ~1e20; at |x| >= 1e4 s (1 - s) is exactly 0 in float32)
         t = torch.mul(x, x).clamp_(max=1e8).mul_(6 * _GELU_C * _GELU_A).add_(2 * _GELU_C).mul_(x).mul_(s)
         return t.addcmul_(t, s, value=-1).add_(s).mul_(grad)
 

@@ -271,6 +271,11 @@ def test_tanh_gelu_is_gpt2s_gelu_in_value_and_gradient():
     y64.backward(g.double())
     torch.testing.assert_close(TanhGELU()(x.detach()).double(), y64.detach(), atol=2e-6, rtol=1e-6)
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=2e-5, rtol=1e-5)
+    # a second derivative is refused rather than wrong (the backward is not itself differentiable)
+    z = torch.tensor([0.3], requires_grad=True)
+    (dz,) = torch.autograd.grad(TanhGELU()(z).sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dz.sum().backward()
     # the same function as transformers' gelu_new formula
     from transformers.activations import NewGELUActivation
 

@@ -251,7 +251,7 @@ def test_response_logits_at_temperature_one_are_the_models_logits():
     ids, am, pos = concat_inputs(q, qm, r, rm)
     full = policy(input_ids=ids, attention_mask=am, position_ids=pos).logits
     P = q.shape[1]
-    assert torch.equal(response_logits(policy, q, qm, r, rm), full[:, P - 1 : P - 1 + 3])
+    torch.testing.assert_close(response_logits(policy, q, qm, r, rm), full[:, P - 1 : P - 1 + 3], atol=1e-6, rtol=0)
     torch.testing.assert_close(response_logits(policy, q, qm, r, rm, 2.0), full[:, P - 1 : P - 1 + 3] / 2.0)
 
 
@@ -274,7 +274,8 @@ def test_lean_gpt2_forward_is_hugging_faces_bit_for_bit_from_start(start):
     hf = policy.transformer(input_ids=ids, attention_mask=am, position_ids=pos).last_hidden_state[:, start:]
     lean = pipeline.lm.gpt2_hidden_states(policy.transformer, ids, am, pos, start=start)
     real = am[:, start:].bool()
-    assert lean.shape == hf.shape and torch.equal(lean[real], hf[real])
+    assert lean.shape == hf.shape
+    torch.testing.assert_close(lean[real], hf[real], atol=1e-6, rtol=0)
     weights = torch.randn(hf.shape)
     grads = []
     for out in (hf, lean):
@@ -293,15 +294,32 @@ def test_lean_forward_is_only_for_plain_sdpa_gpt2_and_the_fallback_agrees():
     disable_dropout(eager)
     assert not pipeline.lm.lean_forward_applies(eager)
     assert not pipeline.lm.lean_forward_applies(torch.nn.Linear(2, 2))
+    checkpointed = copy.deepcopy(policy)
+    checkpointed.gradient_checkpointing_enable()
+    assert not pipeline.lm.lean_forward_applies(checkpointed)  # the lean forward would skip the checkpointing
     q, qm, r, rm = _padded_batch()
     m = rm.bool()
     torch.testing.assert_close(
         response_logits(eager, q, qm, r, rm)[m], response_logits(policy, q, qm, r, rm)[m], atol=1e-5, rtol=0
     )
-    # token_scores from a start position is the full scores' slice
+    # token_scores from a start position is the full scores' slice, on the lean path and on the fallback
     P = q.shape[1]
     full = token_scores(value, q, qm, r, rm)
     torch.testing.assert_close(token_scores(value, q, qm, r, rm, start=P - 1), full[:, P - 1 :], atol=1e-6, rtol=0)
+    eager_value = GPT2ForSequenceClassification(GPT2Config(**value.config.to_dict()))
+    eager_value.load_state_dict(value.state_dict())
+    eager_value.config._attn_implementation = "eager"
+    disable_dropout(eager_value)
+    assert not pipeline.lm.lean_forward_applies(eager_value.transformer)
+    real = torch.cat([qm, rm], 1)[:, P - 1 :].bool()
+    torch.testing.assert_close(
+        token_scores(eager_value, q, qm, r, rm, start=P - 1)[real], full[:, P - 1 :][real], atol=1e-5, rtol=0
+    )
+    # a start outside the inputs is an error, not an empty or wrapped-around slice
+    ids, am, pos = concat_inputs(q, qm, r, rm)
+    for bad in (-1, ids.shape[1]):
+        with pytest.raises(ValueError, match="start="):
+            pipeline.lm.gpt2_hidden_states(policy.transformer, ids, am, pos, start=bad)
 
 
 def test_first_minibatch_has_ratio_one_and_later_ones_move():

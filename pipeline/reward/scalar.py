@@ -145,7 +145,7 @@ class ScalarReward:
         self.model.to(device=device, dtype=dtype)
 
     def prepare_for_rl(self) -> None:
-        """No dropout, torch's fused GELU (:func:`pipeline.lm.fuse_activations`), no gradients, eval mode."""
+        """No dropout, the fastest tanh-GELU (:func:`pipeline.lm.fuse_activations`), no gradients, eval mode."""
         disable_dropout(self.model)
         fuse_activations(self.model)
         self.model.requires_grad_(False)

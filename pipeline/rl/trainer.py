@@ -32,7 +32,7 @@ Departures (each deliberate):
   (:class:`pipeline.lm.TanhGELU`; the same function, float rounding aside); the logged entropy is the sampling
   policy's, computed once per rollout (the PPO epochs compute it only when an entropy bonus is trained); a GPT-2
   policy, value, reference and reward model run their forward through their own modules
-  (:func:`pipeline.lm.gpt2_hidden_states`: Hugging Face's result bit for bit on a CPU), with the last block
+  (:func:`pipeline.lm.gpt2_hidden_states`: Hugging Face's result up to float rounding), with the last block
   computing only the rows from the last prompt token on, and only the response positions go through the LM head;
   each minibatch is trimmed to its own longest prompt and response; a GPT-2 policy samples through a lean
   KV-cache loop that draws each token by inverse CDF from one uniform number per row
