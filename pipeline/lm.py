@@ -163,7 +163,7 @@ def lean_forward_applies(model: Any) -> bool:
         and getattr(cfg, "is_causal", True) is not False
         and not cfg.add_cross_attention
         and not cfg.reorder_and_upcast_attn
-        and not getattr(t, "gradient_checkpointing", False)
+        and not any(getattr(m, "gradient_checkpointing", False) for m in (t, *t.h))
     )
 
 

@@ -294,9 +294,10 @@ def test_lean_forward_is_only_for_plain_sdpa_gpt2_and_the_fallback_agrees():
     disable_dropout(eager)
     assert not pipeline.lm.lean_forward_applies(eager)
     assert not pipeline.lm.lean_forward_applies(torch.nn.Linear(2, 2))
-    checkpointed = copy.deepcopy(policy)
-    checkpointed.gradient_checkpointing_enable()
-    assert not pipeline.lm.lean_forward_applies(checkpointed)  # the lean forward would skip the checkpointing
+    for every_n_layers in (1, 2):
+        checkpointed = copy.deepcopy(policy)
+        checkpointed.activation_checkpointing_enable(every_n_layers=every_n_layers)
+        assert not pipeline.lm.lean_forward_applies(checkpointed)  # the lean forward would skip the checkpointing
     q, qm, r, rm = _padded_batch()
     m = rm.bool()
     torch.testing.assert_close(
