@@ -167,6 +167,32 @@ def lean_forward_applies(model: Any) -> bool:
     )
 
 
+def _self_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, L, L)`` boolean SDPA mask of ``(B, L)`` padded sequences: each query attends to the keys the padding
+    mask keeps, up to its own position (a padding position after a response attends as in Hugging Face's forward);
+    a left-padding position, which has no such key, attends to itself only, so that no softmax row is empty (its
+    output is never read)."""
+    L = attention_mask.shape[1]
+    dev = attention_mask.device
+    allowed = torch.ones(L, L, dtype=torch.bool, device=dev).tril() & attention_mask.bool()[:, None, :]
+    empty = ~allowed.any(-1, keepdim=True)
+    return (allowed | (empty & torch.eye(L, dtype=torch.bool, device=dev)))[:, None]
+
+
+def _attend_and_mlp(
+    block: nn.Module, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The rest of a GPT-2 block once its queries ``(B, H, Q, D)``, keys and values ``(B, H, L, D)`` are known:
+    Hugging Face's SDPA call, the output projection and its residual, then the MLP and its residual (dropout as the
+    block's modules and attention dropout probability say; none in eval mode)."""
+    attn = block.attn
+    B, _, Q, _ = q.shape
+    dropout = attn.attn_dropout.p if attn.training else 0.0
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=attn.scaling)
+    x = x + attn.resid_dropout(attn.c_proj(o.transpose(1, 2).reshape(B, Q, -1)))
+    return x + block.mlp(block.ln_2(x))
+
+
 def gpt2_hidden_states(
     t: GPT2Model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, start: int = 0
 ) -> torch.Tensor:
@@ -180,10 +206,8 @@ def gpt2_hidden_states(
     most of the last block for its prompt tokens (with a 2-layer model and 12-token prompts under 44 positions,
     ~12% of the policy's and the value model's forward and backward).
 
-    Queries attend to the keys the padding mask keeps, up to their own position (so a padding position after the
-    response attends as in Hugging Face's forward); a left-padding position, which has no such key, attends to itself
-    only, so that no softmax row is empty (its output is never read). Dropout is the model's own (its
-    modules, and its attention dropout probability when training).
+    The attention mask is :func:`_self_attention_mask`'s. Dropout is the model's own (its modules, and its attention
+    dropout probability when training).
 
     Args:
         t: the backbone (``model.transformer``); its parameters are reached through module calls only, so that
@@ -196,10 +220,7 @@ def gpt2_hidden_states(
     H, C = cfg.n_head, cfg.n_embd
     if not 0 <= start < L:
         raise ValueError(f"gpt2_hidden_states: start={start} outside the {L} positions of the inputs")
-    dev = input_ids.device
-    allowed = torch.ones(L, L, dtype=torch.bool, device=dev).tril() & attention_mask.bool()[:, None, :]
-    empty = ~allowed.any(-1, keepdim=True)  # left padding before the first token: it attends to itself
-    mask = (allowed | (empty & torch.eye(L, dtype=torch.bool, device=dev)))[:, None]
+    mask = _self_attention_mask(attention_mask)
     x = t.drop(t.wte(input_ids) + t.wpe(position_ids))
     last = len(t.h) - 1
     for i, block in enumerate(t.h):
@@ -207,17 +228,8 @@ def gpt2_hidden_states(
         q, k, v = attn.c_attn(block.ln_1(x)).split(attn.split_size, dim=2)
         if i == last and start > 0:  # the kept rows only, from here on
             q, x, mask = q[:, start:], x[:, start:], mask[:, :, start:]
-        Q = q.shape[1]
-        o = F.scaled_dot_product_attention(
-            q.view(B, Q, H, C // H).transpose(1, 2),
-            k.view(B, L, H, C // H).transpose(1, 2),
-            v.view(B, L, H, C // H).transpose(1, 2),
-            attn_mask=mask,
-            dropout_p=attn.attn_dropout.p if attn.training else 0.0,
-            scale=attn.scaling,
-        )
-        x = x + attn.resid_dropout(attn.c_proj(o.transpose(1, 2).reshape(B, Q, C)))
-        x = x + block.mlp(block.ln_2(x))
+        q, k, v = (z.view(B, -1, H, C // H).transpose(1, 2) for z in (q, k, v))
+        x = _attend_and_mlp(block, x, q, k, v, mask)
     return t.ln_f(x if x.shape[1] == L - start else x[:, start:])  # no block sliced it when there are none
 
 
@@ -238,19 +250,19 @@ def response_logits(
     if type(model) is GPT2LMHeadModel and lean_forward_applies(model):
         hidden = gpt2_hidden_states(model.transformer, input_ids, attention_mask, position_ids, start=P - 1)
         logits = model.lm_head(hidden[:, :T]).float()
-        return logits if temperature == 1.0 else logits / temperature
-    # only the T positions that predict response tokens go through the LM head: (B, T, V), no slice of a wider one.
-    # A remote-code model may read logits_to_keep as a count only: it gets the last T + 1 positions, sliced after.
-    remote = bool(getattr(getattr(model, "config", None), "auto_map", None))
-    keep = T + 1 if remote else torch.arange(P - 1, P + T - 1, device=input_ids.device)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=keep,
-        use_cache=False,
-    )
-    logits = (out.logits[:, :-1] if remote else out.logits).float()
+    else:
+        # only the T positions that predict response tokens go through the LM head: (B, T, V), no slice of a wider
+        # one. A remote-code model may read logits_to_keep as a count only: it gets the last T + 1 positions, sliced.
+        remote = bool(getattr(getattr(model, "config", None), "auto_map", None))
+        keep = T + 1 if remote else torch.arange(P - 1, P + T - 1, device=input_ids.device)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=keep,
+            use_cache=False,
+        )
+        logits = (out.logits[:, :-1] if remote else out.logits).float()
     return logits if temperature == 1.0 else logits / temperature  # x / 1.0 == x: no (B, T, V) pass for nothing
 
 
@@ -623,9 +635,7 @@ def _lean_decode(
     key_mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
     key_mask[:, :P] = query_mask.bool()
     positions = query_mask.long().cumsum(1) - 1
-    # a padding row attends to itself only, so that no row's softmax is empty (its output is never read)
-    eye = torch.eye(P, dtype=torch.bool, device=dev)
-    mask = (torch.ones(P, P, dtype=torch.bool, device=dev).tril() & key_mask[:, None, :P] | eye)[:, None]
+    mask = _self_attention_mask(query_mask)  # the prompt's: a left-padding row attends to itself only
 
     def blocks(x: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
         end = start + x.shape[1]
@@ -635,12 +645,9 @@ def _lean_decode(
             shape = (B, -1, H, D)
             keys[i][:, :, start:end] = k.view(shape).transpose(1, 2)
             values[i][:, :, start:end] = v.view(shape).transpose(1, 2)
-            o = F.scaled_dot_product_attention(
-                q.view(shape).transpose(1, 2), keys[i][:, :, :end], values[i][:, :, :end], attn_mask=mask,
-                scale=attn.scaling,
-            )  # fmt: skip
-            x = x + attn.c_proj(o.transpose(1, 2).reshape(B, -1, cfg.n_embd))
-            x = x + block.mlp(block.ln_2(x))
+            x = _attend_and_mlp(
+                block, x, q.view(shape).transpose(1, 2), keys[i][:, :, :end], values[i][:, :, :end], mask
+            )
         return t.ln_f(x[:, -1])
 
     hidden = blocks(t.wte(query_ids) + t.wpe(positions.clamp(min=0)), mask, 0)
